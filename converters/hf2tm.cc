@@ -1,0 +1,320 @@
+#include "hf2tm.h"
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <set>
+
+#include "error.h"
+#include "file_plan.h"
+#include "hf_config.h"
+#include "safetensors.h"
+#include "turbomind.h"
+
+namespace tmkit {
+
+namespace {
+
+// HF tensor names of one decoder layer. InternLM2 packs q/k/v into one `wqkv`.
+struct LayerNames {
+  std::string q, k, v, qkv, q_bias, k_bias, v_bias, qkv_bias, o, o_bias, gate, up, down, attn_norm, ffn_norm;
+};
+
+LayerNames layer_names(const HfConfig& c, int64_t i) {
+  LayerNames n;
+  if (c.arch == Arch::InternLM2) {
+    const std::string p = fmt::format("model.layers.{}.", i);
+    n.qkv = p + "attention.wqkv.weight";
+    if (c.attn_bias) n.qkv_bias = p + "attention.wqkv.bias";
+    n.o = p + "attention.wo.weight";
+    if (c.attn_bias) n.o_bias = p + "attention.wo.bias";
+    n.gate = p + "feed_forward.w1.weight";
+    n.up = p + "feed_forward.w3.weight";
+    n.down = p + "feed_forward.w2.weight";
+    n.attn_norm = p + "attention_norm.weight";
+    n.ffn_norm = p + "ffn_norm.weight";
+    return n;
+  }
+  const std::string p = fmt::format("model.layers.{}.", i);
+  n.q = p + "self_attn.q_proj.weight";
+  n.k = p + "self_attn.k_proj.weight";
+  n.v = p + "self_attn.v_proj.weight";
+  if (c.attn_bias) {
+    n.q_bias = p + "self_attn.q_proj.bias";
+    n.k_bias = p + "self_attn.k_proj.bias";
+    n.v_bias = p + "self_attn.v_proj.bias";
+  }
+  n.o = p + "self_attn.o_proj.weight";
+  n.o_bias = p + "self_attn.o_proj.bias";  // optional (Llama attention_bias)
+  n.gate = p + "mlp.gate_proj.weight";
+  n.up = p + "mlp.up_proj.weight";
+  n.down = p + "mlp.down_proj.weight";
+  n.attn_norm = p + "input_layernorm.weight";
+  n.ffn_norm = p + "post_attention_layernorm.weight";
+  return n;
+}
+
+class PlanBuilder {
+ public:
+  PlanBuilder(const Checkpoint& ckpt, const HfConfig& hf, const TmConfig& tm) : ckpt_(ckpt), hf_(hf), tm_(tm) {}
+
+  std::vector<FilePlan> build() {
+    const int64_t tp = tm_.tp, V = hf_.vocab, hid = hf_.hidden, Vp = tm_.vocab_padded();
+    const bool internlm2 = hf_.arch == Arch::InternLM2;
+    const std::string embed_name = internlm2 ? "model.tok_embeddings.weight" : "model.embed_tokens.weight";
+    std::string head_name = internlm2 ? "output.weight" : "lm_head.weight";
+    if (hf_.tie_word_embeddings || !ckpt_.has(head_name)) {
+      if (!hf_.tie_word_embeddings) fail("{}: tensor '{}' not found", ckpt_.dir().string(), head_name);
+      head_name = embed_name;
+    }
+    const TensorView* embed = view(embed_name, {V, hid});
+    const TensorView* head = view(head_name, {V, hid});
+
+    for (int64_t r = 0; r < tp; ++r) {  // embedding: split on the hidden dim
+      FilePlan p = rows_plan(rank_file("tok_embeddings", r, "weight"), embed, 0, V, Vp, {embed_name});
+      p.col_offset = r * hid / tp;
+      p.cols = hid / tp;
+      add(std::move(p));
+    }
+    for (int64_t i = 0; i < hf_.layers; ++i) add_layer(i);
+    add(rows_plan("norm.weight", view("model.norm.weight", {hid}), 0, hid, hid, {"model.norm.weight"}));
+    for (int64_t r = 0; r < tp; ++r)  // lm head: split on vocab rows
+      add(rows_plan(rank_file("output", r, "weight"), head, r * Vp / tp, V, Vp / tp, {head_name}));
+    return std::move(plans_);
+  }
+
+ private:
+  const TensorView* view(const std::string& name, std::vector<int64_t> shape) {
+    TensorView v = ckpt_.get(name);
+    if (!is_float(v.dtype())) fail("{}: tensor '{}' has dtype {}, expected a float type", v.file, name, dtype_name(v.dtype()));
+    if (v.info->shape != shape)
+      fail("{}: tensor '{}' has shape [{}], expected [{}] from config.json", v.file, name,
+           fmt::join(v.info->shape, ", "), fmt::join(shape, ", "));
+    views_.push_back(v);
+    return &views_.back();
+  }
+
+  void add(FilePlan p) { plans_.push_back(std::move(p)); }
+
+  // `count` output rows taken from `src` rows [first, first+count) while they are < `src_rows`;
+  // rows past the source are zeros. A 1-D source reads as [n, 1], so this also copies vectors.
+  static FilePlan rows_plan(const std::string& file, const TensorView* src, int64_t first, int64_t src_rows,
+                            int64_t count, std::vector<std::string> sources) {
+    FilePlan p;
+    p.file = file;
+    p.sources = std::move(sources);
+    for (int64_t k = 0; k < count; ++k) {
+      int64_t row = first + k;
+      p.rows.push_back(row < src_rows ? RowRef{src, row} : RowRef{});
+    }
+    p.cols = src->cols();
+    return p;
+  }
+
+  // Row of head `h`, channel `t` in TurboMind order, within a block of heads starting at `base`:
+  // TurboMind rotates adjacent pairs (2j, 2j+1), HF rotates halves (j, j + D/2).
+  int64_t head_row(int64_t base, int64_t t, bool rotary) const {
+    const int64_t D = hf_.head_dim;
+    return base + (rotary ? (t % 2) * (D / 2) + t / 2 : t);
+  }
+
+  // q, k, v source rows of one rank, in the order [q_r | k_r | v_r].
+  std::vector<RowRef> qkv_rows(int64_t r, const TensorView* q, const TensorView* k, const TensorView* v) const {
+    const int64_t D = hf_.head_dim, H = hf_.heads, KV = hf_.kv_heads, tp = tm_.tp, G = H / KV;
+    const bool packed = hf_.arch == Arch::InternLM2;  // rows per kv head: G q heads, 1 k, 1 v
+    std::vector<RowRef> rows;
+    for (int64_t h = r * H / tp; h < (r + 1) * H / tp; ++h) {
+      const int64_t base = packed ? ((h / G) * (G + 2) + h % G) * D : h * D;
+      for (int64_t t = 0; t < D; ++t) rows.push_back({q, head_row(base, t, true)});
+    }
+    for (int64_t h = r * KV / tp; h < (r + 1) * KV / tp; ++h) {
+      const int64_t base = packed ? (h * (G + 2) + G) * D : h * D;
+      for (int64_t t = 0; t < D; ++t) rows.push_back({k, head_row(base, t, true)});
+    }
+    for (int64_t h = r * KV / tp; h < (r + 1) * KV / tp; ++h) {
+      const int64_t base = packed ? (h * (G + 2) + G + 1) * D : h * D;
+      for (int64_t t = 0; t < D; ++t) rows.push_back({v, head_row(base, t, false)});
+    }
+    return rows;
+  }
+
+  void add_layer(int64_t i) {
+    const LayerNames n = layer_names(hf_, i);
+    const int64_t hid = hf_.hidden, H = hf_.heads, KV = hf_.kv_heads, D = hf_.head_dim, I = hf_.inter;
+    const int64_t tp = tm_.tp, Ip = tm_.inter_size[size_t(i)];
+    const std::string L = fmt::format("layers.{}.", i);
+
+    const TensorView *q, *k, *v, *qb = nullptr, *kb = nullptr, *vb = nullptr;
+    std::vector<std::string> qkv_src, bias_src;
+    if (hf_.arch == Arch::InternLM2) {
+      q = k = v = view(n.qkv, {(H + 2 * KV) * D, hid});
+      qkv_src = {n.qkv};
+      if (hf_.attn_bias) {
+        qb = kb = vb = view(n.qkv_bias, {(H + 2 * KV) * D});
+        bias_src = {n.qkv_bias};
+      }
+    } else {
+      q = view(n.q, {H * D, hid});
+      k = view(n.k, {KV * D, hid});
+      v = view(n.v, {KV * D, hid});
+      qkv_src = {n.q, n.k, n.v};
+      if (hf_.attn_bias) {
+        qb = view(n.q_bias, {H * D});
+        kb = view(n.k_bias, {KV * D});
+        vb = view(n.v_bias, {KV * D});
+        bias_src = {n.q_bias, n.k_bias, n.v_bias};
+      }
+    }
+    const TensorView* o = view(n.o, {hid, H * D});
+    const TensorView* ob = ckpt_.has(n.o_bias) ? view(n.o_bias, {hid}) : nullptr;
+    const TensorView* gate = view(n.gate, {I, hid});
+    const TensorView* up = view(n.up, {I, hid});
+    const TensorView* down = view(n.down, {hid, I});
+
+    add(rows_plan(L + "attention_norm.weight", view(n.attn_norm, {hid}), 0, hid, hid, {n.attn_norm}));
+    for (int64_t r = 0; r < tp; ++r) {
+      FilePlan p;
+      p.file = rank_file(L + "attention.w_qkv", r, "weight");
+      p.rows = qkv_rows(r, q, k, v);
+      p.cols = hid;
+      p.transpose = true;
+      p.sources = qkv_src;
+      add(std::move(p));
+      if (qb) {
+        FilePlan b;
+        b.file = rank_file(L + "attention.w_qkv", r, "bias");
+        b.rows = qkv_rows(r, qb, kb, vb);
+        b.cols = 1;
+        b.sources = bias_src;
+        add(std::move(b));
+      }
+      FilePlan wo;  // split on input rows: this rank's heads
+      wo.file = rank_file(L + "attention.wo", r, "weight");
+      for (int64_t row = 0; row < hid; ++row) wo.rows.push_back({o, row});
+      wo.col_offset = r * H * D / tp;
+      wo.cols = H * D / tp;
+      wo.transpose = true;
+      wo.sources = {n.o};
+      add(std::move(wo));
+      if (hf_.attn_bias || ob) {  // replicated; zeros when only q/k/v carry a bias (Qwen2)
+        FilePlan b;
+        b.file = rank_file(L + "attention.wo", r, "bias");
+        for (int64_t row = 0; row < hid; ++row) b.rows.push_back(ob ? RowRef{ob, row} : RowRef{});
+        b.cols = 1;
+        if (ob) b.sources = {n.o_bias};
+        add(std::move(b));
+      }
+    }
+    add(rows_plan(L + "ffn_norm.weight", view(n.ffn_norm, {hid}), 0, hid, hid, {n.ffn_norm}));
+    for (int64_t r = 0; r < tp; ++r) {
+      for (auto [name, src, hf_name] : {std::tuple{"w1", gate, n.gate}, std::tuple{"w3", up, n.up}}) {
+        FilePlan p = rows_plan(rank_file(L + "feed_forward." + name, r, "weight"), src, r * Ip / tp, I, Ip / tp, {hf_name});
+        p.transpose = true;
+        add(std::move(p));
+      }
+      FilePlan w2;
+      w2.file = rank_file(L + "feed_forward.w2", r, "weight");
+      for (int64_t row = 0; row < hid; ++row) w2.rows.push_back({down, row});
+      w2.col_offset = r * Ip / tp;
+      w2.cols = Ip / tp;
+      w2.transpose = true;
+      w2.sources = {n.down};
+      add(std::move(w2));
+    }
+  }
+
+  const Checkpoint& ckpt_;
+  const HfConfig& hf_;
+  const TmConfig& tm_;
+  std::deque<TensorView> views_;  // stable addresses for RowRef
+  std::vector<FilePlan> plans_;
+};
+
+std::string resolve_weight_type(const std::string& flag, const HfConfig& hf, const Checkpoint& ckpt) {
+  if (flag == "float16" || flag == "bfloat16") return flag;
+  if (flag != "auto") fail("--dtype: '{}' is not one of auto, float16, bfloat16", flag);
+  std::string src = hf.dtype;
+  if (src.empty() || src == "auto") {  // no dtype in config.json: look at the embedding
+    const std::string e = hf.arch == Arch::InternLM2 ? "model.tok_embeddings.weight" : "model.embed_tokens.weight";
+    src = ckpt.has(e) && ckpt.get(e).dtype() == DType::BF16 ? "bfloat16" : "float16";
+  }
+  return src == "bfloat16" ? "bfloat16" : "float16";  // fp32 sources are written as fp16
+}
+
+void copy_tokenizer(const fs::path& src, const fs::path& dst, std::vector<std::string>* files) {
+  fs::create_directories(dst);
+  std::vector<fs::path> picked;
+  for (const auto& e : fs::directory_iterator(src)) {
+    if (!e.is_regular_file()) continue;
+    const std::string name = e.path().filename().string(), ext = e.path().extension().string();
+    if (ext == ".json" || ext == ".py" || ext == ".model" || ext == ".tiktoken" || name == "merges.txt" ||
+        name == "vocab.txt")
+      picked.push_back(e.path());
+  }
+  std::sort(picked.begin(), picked.end());
+  for (const auto& p : picked) {
+    std::error_code ec;
+    fs::copy_file(p, dst / p.filename(), fs::copy_options::overwrite_existing, ec);
+    if (ec) fail("{}: cannot copy to {}: {}", p.string(), dst.string(), ec.message());
+    files->push_back("triton_models/tokenizer/" + p.filename().string());
+  }
+}
+
+}  // namespace
+
+Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const HfConfig hf = load_hf_config(opt.src);
+  if (hf.awq.present)
+    fail("{}: AWQ int4 checkpoints are not supported by hf2tm yet (quantization_config present)",
+         (opt.src / "config.json").string());
+  Checkpoint ckpt(opt.src);
+  Hf2TmReport rep;
+  rep.weight_type = resolve_weight_type(opt.dtype, hf, ckpt);
+  rep.tp = opt.tp;
+  TmConfig tm = make_tm_config(hf, opt.tp, rep.weight_type);
+  tm.model_name = fs::absolute(opt.src).lexically_normal().filename().string();
+  if (tm.model_name.empty()) tm.model_name = fs::absolute(opt.src).lexically_normal().parent_path().filename().string();
+  const DType dst_type = tm.weight_dtype();
+
+  PlanBuilder builder(ckpt, hf, tm);
+  std::vector<FilePlan> plans = builder.build();
+
+  // Release each source tensor's pages after the last file that reads it.
+  std::map<std::string, size_t> last_use;
+  for (size_t i = 0; i < plans.size(); ++i)
+    for (const auto& s : plans[i].sources) last_use[s] = i;
+  std::vector<std::vector<std::string>> release_after(plans.size());
+  for (const auto& [name, i] : last_use) release_after[i].push_back(name);
+
+  uint64_t total_bytes = 0;
+  for (const auto& p : plans) total_bytes += p.numel() * dtype_size(dst_type);
+
+  AtomicOutputDir out(opt.dst, opt.force);
+  const fs::path wdir = weights_dir(out.tmp());
+  fs::create_directories(wdir);
+  for (size_t i = 0; i < plans.size(); ++i) {
+    check_interrupted();
+    const FilePlan& p = plans[i];
+    OutputFile f(wdir / p.file);
+    WriteStats st = write_file_plan(p, dst_type, f);
+    f.close();
+    if (st.overflow && !opt.allow_overflow)
+      fail("{}: {} values exceed the float16 range (use --dtype bfloat16, or --allow-overflow to write them as inf)",
+           p.sources.empty() ? p.file : p.sources.front(), st.overflow);
+    rep.overflow_values += st.overflow;
+    rep.bytes += st.bytes;
+    rep.tensors += 1;
+    rep.files.push_back("triton_models/weights/" + p.file);
+    for (const auto& s : release_after[i]) ckpt.release(s);
+    if (progress) progress(int64_t(i + 1), int64_t(plans.size()), rep.bytes, total_bytes, p.file);
+  }
+  write_file(wdir / "config.yaml", format_config_yaml(tm));
+  rep.files.push_back("triton_models/weights/config.yaml");
+  copy_tokenizer(opt.src, tokenizer_dir(out.tmp()), &rep.files);
+  out.commit();
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rep;
+}
+
+}  // namespace tmkit

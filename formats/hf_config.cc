@@ -1,0 +1,151 @@
+#include "hf_config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "error.h"
+
+namespace tmkit {
+
+using json = nlohmann::json;
+
+namespace {
+
+struct Reader {
+  const json& j;
+  const std::string& where;
+
+  const json* find(const char* key) const {
+    auto it = j.find(key);
+    return it == j.end() || it->is_null() ? nullptr : &*it;
+  }
+  int64_t int_req(const char* key) const {
+    const json* v = find(key);
+    if (!v) fail("{}: missing key '{}'", where, key);
+    if (!v->is_number_integer() || v->get<int64_t>() <= 0) fail("{}: '{}' must be a positive integer", where, key);
+    return v->get<int64_t>();
+  }
+  int64_t int_opt(const char* key, int64_t dflt) const { return find(key) ? int_req(key) : dflt; }
+  double num_opt(const json& obj, const char* key, double dflt) const {
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) return dflt;
+    if (!it->is_number()) fail("{}: '{}' must be a number", where, key);
+    return it->get<double>();
+  }
+  bool bool_opt(const char* key, bool dflt) const {
+    const json* v = find(key);
+    if (!v) return dflt;
+    if (!v->is_boolean()) fail("{}: '{}' must be true or false", where, key);
+    return v->get<bool>();
+  }
+  std::string str_opt(const json& obj, const char* key) const {
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) return "";
+    if (!it->is_string()) fail("{}: '{}' must be a string", where, key);
+    return it->get<std::string>();
+  }
+  // bos/eos may be a list in newer configs; the first id is the one TurboMind records.
+  int64_t token_id(const char* key) const {
+    const json* v = find(key);
+    if (!v) return 0;
+    if (v->is_array() && !v->empty()) v = &(*v)[0];
+    if (!v->is_number_integer()) fail("{}: '{}' must be a token id", where, key);
+    return v->get<int64_t>();
+  }
+};
+
+void parse_rope(const Reader& r, RopeConfig* rope) {
+  const json* params = r.find("rope_parameters");  // transformers 5
+  const json* scaling = r.find("rope_scaling");     // transformers 4
+  if (params && !params->is_object()) fail("{}: 'rope_parameters' must be an object", r.where);
+  if (scaling && !scaling->is_object()) fail("{}: 'rope_scaling' must be an object or null", r.where);
+  rope->theta = r.num_opt(r.j, "rope_theta", 10000.0);
+  if (params) rope->theta = r.num_opt(*params, "rope_theta", rope->theta);
+  const json* s = params ? params : scaling;
+  if (!s) return;
+  std::string type = r.str_opt(*s, "rope_type");
+  if (type.empty()) type = r.str_opt(*s, "type");
+  if (type == "default" || type.empty()) return;
+  if (type != "linear" && type != "dynamic" && type != "llama3" && type != "yarn")
+    fail("{}: unsupported rope scaling type '{}' (supported: linear, dynamic, llama3, yarn)", r.where, type);
+  rope->type = type;
+  rope->factor = r.num_opt(*s, "factor", 1.0);
+  if (rope->factor <= 0) fail("{}: rope scaling factor must be positive", r.where);
+  rope->low_freq_factor = r.num_opt(*s, "low_freq_factor", 1.0);
+  rope->high_freq_factor = r.num_opt(*s, "high_freq_factor", 1.0);
+  rope->original_max_position_embeddings = int64_t(r.num_opt(*s, "original_max_position_embeddings", 0));
+  rope->attention_factor = r.num_opt(*s, "attention_factor", 1.0);
+  rope->beta_fast = r.num_opt(*s, "beta_fast", 32.0);
+  rope->beta_slow = r.num_opt(*s, "beta_slow", 1.0);
+  if (type == "llama3" && (rope->original_max_position_embeddings <= 0 || rope->high_freq_factor <= rope->low_freq_factor))
+    fail("{}: llama3 rope scaling needs original_max_position_embeddings and high_freq_factor > low_freq_factor", r.where);
+}
+
+}  // namespace
+
+HfConfig parse_hf_config(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON: {}", where, e.what());
+  }
+  if (!j.is_object()) fail("{}: not a JSON object", where);
+  Reader r{j, where};
+  HfConfig c;
+
+  const json* archs = r.find("architectures");
+  if (!archs || !archs->is_array() || archs->empty() || !(*archs)[0].is_string())
+    fail("{}: missing key 'architectures'", where);
+  c.architecture = (*archs)[0].get<std::string>();
+  if (c.architecture == "LlamaForCausalLM" || c.architecture == "MistralForCausalLM") c.arch = Arch::Llama;
+  else if (c.architecture == "Qwen2ForCausalLM") c.arch = Arch::Qwen2;
+  else if (c.architecture == "InternLM2ForCausalLM") c.arch = Arch::InternLM2;
+  else
+    fail("{}: unsupported architecture '{}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+         "InternLM2ForCausalLM)", where, c.architecture);
+
+  c.hidden = r.int_req("hidden_size");
+  c.heads = r.int_req("num_attention_heads");
+  c.kv_heads = r.int_opt("num_key_value_heads", c.heads);
+  c.layers = r.int_req("num_hidden_layers");
+  c.inter = r.int_req("intermediate_size");
+  c.vocab = r.int_req("vocab_size");
+  c.max_position_embeddings = r.int_opt("max_position_embeddings", 2048);
+  if (c.hidden % c.heads != 0 && !r.find("head_dim"))
+    fail("{}: hidden_size {} is not a multiple of num_attention_heads {}", where, c.hidden, c.heads);
+  c.head_dim = r.int_opt("head_dim", c.hidden / c.heads);
+  if (c.head_dim % 2 != 0) fail("{}: head_dim {} must be even for rotary embeddings", where, c.head_dim);
+  if (c.heads % c.kv_heads != 0)
+    fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", where, c.heads, c.kv_heads);
+  c.norm_eps = r.num_opt(j, "rms_norm_eps", 1e-6);
+  c.tie_word_embeddings = r.bool_opt("tie_word_embeddings", false);
+  c.attn_bias = c.arch == Arch::Qwen2 ? true
+              : c.arch == Arch::InternLM2 ? r.bool_opt("bias", false)
+                                          : r.bool_opt("attention_bias", false);
+  c.bos_id = r.token_id("bos_token_id");
+  c.eos_id = r.token_id("eos_token_id");
+  c.dtype = r.str_opt(j, "dtype");
+  if (c.dtype.empty()) c.dtype = r.str_opt(j, "torch_dtype");
+  parse_rope(r, &c.rope);
+
+  if (const json* q = r.find("quantization_config")) {
+    if (!q->is_object()) fail("{}: 'quantization_config' must be an object", where);
+    const std::string method = r.str_opt(*q, "quant_method");
+    if (method != "awq") fail("{}: unsupported quant_method '{}' (supported: awq)", where, method);
+    c.awq.present = true;
+    c.awq.bits = int(r.num_opt(*q, "bits", r.num_opt(*q, "w_bit", 4)));
+    c.awq.group_size = int(r.num_opt(*q, "group_size", r.num_opt(*q, "q_group_size", 128)));
+    c.awq.version = r.str_opt(*q, "version");
+    auto zp = q->find("zero_point");
+    c.awq.zero_point = zp == q->end() || !zp->is_boolean() || zp->get<bool>();
+  }
+  return c;
+}
+
+HfConfig load_hf_config(const fs::path& model_dir) {
+  const fs::path p = model_dir / "config.json";
+  if (!fs::exists(p)) fail("{}: not found", p.string());
+  return parse_hf_config(read_text_file(p), p.string());
+}
+
+}  // namespace tmkit

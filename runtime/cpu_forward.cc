@@ -1,0 +1,95 @@
+#include "cpu_forward.h"
+
+#include <cmath>
+
+#include "error.h"
+#include "rope.h"
+
+namespace tmkit {
+
+namespace {
+
+Mat rms_norm(const Mat& x, const Vec& w, double eps) {
+  Mat y(x.rows(), x.cols());
+  for (int64_t t = 0; t < x.rows(); ++t) {
+    const float inv = 1.0f / std::sqrt(x.row(t).squaredNorm() / float(x.cols()) + float(eps));
+    y.row(t) = (x.row(t) * inv).cwiseProduct(w.transpose());
+  }
+  return y;
+}
+
+// Rotates adjacent channel pairs (2j, 2j+1) of every head by position * inv_freq[j].
+void apply_rope(Mat& x, int64_t heads, int64_t D, const RopeTable& rt) {
+  for (int64_t t = 0; t < x.rows(); ++t) {
+    for (int64_t j = 0; j < D / 2; ++j) {
+      const float angle = float(t) * rt.inv_freq[size_t(j)];
+      const float c = std::cos(angle) * rt.attention_scaling, s = std::sin(angle) * rt.attention_scaling;
+      for (int64_t h = 0; h < heads; ++h) {
+        float& a = x(t, h * D + 2 * j);
+        float& b = x(t, h * D + 2 * j + 1);
+        const float a0 = a, b0 = b;
+        a = a0 * c - b0 * s;
+        b = a0 * s + b0 * c;
+      }
+    }
+  }
+}
+
+// Causal GQA attention: query head h reads kv head h / (H / KV).
+Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, int64_t D, float scale) {
+  const int64_t T = q.rows(), G = H / KV;
+  Mat out(T, H * D);
+  Mat scores(T, T);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t kvh = h / G;
+    scores.noalias() = q.middleCols(h * D, D) * k.middleCols(kvh * D, D).transpose();
+    for (int64_t i = 0; i < T; ++i) {
+      float m = -INFINITY;
+      for (int64_t j = 0; j <= i; ++j) m = std::max(m, scores(i, j) * scale);
+      float sum = 0.0f;
+      for (int64_t j = 0; j <= i; ++j) sum += (scores(i, j) = std::exp(scores(i, j) * scale - m));
+      for (int64_t j = 0; j <= i; ++j) scores(i, j) /= sum;
+      for (int64_t j = i + 1; j < T; ++j) scores(i, j) = 0.0f;
+    }
+    out.middleCols(h * D, D).noalias() = scores * v.middleCols(kvh * D, D);
+  }
+  return out;
+}
+
+}  // namespace
+
+Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
+  const TmConfig& c = w_.cfg;
+  const int64_t hid = c.hidden_units, H = c.head_num, KV = c.kv_head_num, D = c.size_per_head;
+  const float scale = c.softmax_scale > 0 ? float(c.softmax_scale) : 1.0f / std::sqrt(float(D));
+  const RopeTable rt = rope_table(c.rope(), c.rotary_embedding, c.max_position_embeddings, T);
+
+  Mat x(T, hid);
+  for (int64_t t = 0; t < T; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= c.vocab_size) fail("token id {} at position {} is outside the vocabulary [0, {})", tokens[t], t, c.vocab_size);
+    x.row(t) = w_.embed.row(tokens[t]);
+  }
+  for (const LayerWeights& l : w_.layers) {
+    Mat h = rms_norm(x, l.attn_norm, c.norm_eps);
+    Mat q = h * l.wq, k = h * l.wk, v = h * l.wv;
+    if (l.bq.size()) {
+      q.rowwise() += l.bq.transpose();
+      k.rowwise() += l.bk.transpose();
+      v.rowwise() += l.bv.transpose();
+    }
+    apply_rope(q, H, D, rt);
+    apply_rope(k, KV, D, rt);
+    x.noalias() += attention(q, k, v, H, KV, D, scale) * l.wo;
+    if (l.bo.size()) x.rowwise() += l.bo.transpose();
+
+    h = rms_norm(x, l.ffn_norm, c.norm_eps);
+    Mat gate = h * l.w1;
+    const Mat up = h * l.w3;
+    gate = gate.array() / (1.0f + (-gate.array()).exp());  // SiLU
+    x.noalias() += gate.cwiseProduct(up) * l.w2;
+  }
+  const Mat y = rms_norm(x, w_.norm, c.norm_eps);
+  return y * w_.output.topRows(c.vocab_size).transpose();
+}
+
+}  // namespace tmkit

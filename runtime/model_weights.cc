@@ -1,0 +1,102 @@
+#include "model_weights.h"
+
+#include "error.h"
+
+namespace tmkit {
+
+namespace {
+
+class WeightReader {
+ public:
+  WeightReader(const fs::path& ws, const TmConfig& c) : dir_(weights_dir(ws)), type_(c.weight_dtype()) {}
+
+  // Reads `name` as [rows, cols] floats; the file must hold exactly rows*cols elements.
+  Mat read(const std::string& name, int64_t rows, int64_t cols) const {
+    const fs::path p = dir_ / name;
+    if (!fs::exists(p)) fail("{}: missing tensor file", p.string());
+    MappedFile f(p);
+    const uint64_t expect = uint64_t(rows) * uint64_t(cols) * dtype_size(type_);
+    if (f.size() != expect)
+      fail("{}: {} bytes, expected {} ([{}, {}] {})", p.string(), f.size(), expect, rows, cols, dtype_name(type_));
+    Mat m(rows, cols);
+    float* dst = m.data();
+    for (uint64_t i = 0, n = uint64_t(rows) * uint64_t(cols); i < n; ++i) dst[i] = load_float(f.data(), type_, i);
+    return m;
+  }
+  Vec read_vec(const std::string& name, int64_t n) const {
+    Mat m = read(name, 1, n);
+    return Eigen::Map<Vec>(m.data(), n);
+  }
+  bool has(const std::string& name) const { return fs::exists(dir_ / name); }
+
+ private:
+  fs::path dir_;
+  DType type_;
+};
+
+}  // namespace
+
+ModelWeights load_workspace(const fs::path& ws) {
+  ModelWeights w;
+  w.cfg = load_tm_config(ws);
+  const TmConfig& c = w.cfg;
+  if (c.weight_type == "int4") fail("{}: int4 workspaces are not supported by the CPU oracle yet", ws.string());
+  const WeightReader rd(ws, c);
+  const int64_t tp = c.tp, hid = c.hidden_units, H = c.head_num, KV = c.kv_head_num, D = c.size_per_head;
+  const int64_t Vp = c.vocab_padded(), Hr = H / tp, KVr = KV / tp;
+
+  w.embed.resize(Vp, hid);
+  w.output.resize(Vp, hid);
+  for (int64_t r = 0; r < tp; ++r) {
+    w.embed.middleCols(r * hid / tp, hid / tp) = rd.read(rank_file("tok_embeddings", r, "weight"), Vp, hid / tp);
+    w.output.middleRows(r * Vp / tp, Vp / tp) = rd.read(rank_file("output", r, "weight"), Vp / tp, hid);
+  }
+  w.norm = rd.read_vec("norm.weight", hid);
+
+  for (int64_t i = 0; i < c.num_layer; ++i) {
+    const std::string L = fmt::format("layers.{}.", i);
+    const int64_t Ip = c.inter_size[size_t(i)], Ir = Ip / tp;
+    LayerWeights l;
+    l.attn_norm = rd.read_vec(L + "attention_norm.weight", hid);
+    l.ffn_norm = rd.read_vec(L + "ffn_norm.weight", hid);
+    l.wq.resize(hid, H * D);
+    l.wk.resize(hid, KV * D);
+    l.wv.resize(hid, KV * D);
+    l.wo.resize(H * D, hid);
+    l.w1.resize(hid, Ip);
+    l.w3.resize(hid, Ip);
+    l.w2.resize(Ip, hid);
+    if (c.attn_bias) {
+      l.bq.resize(H * D);
+      l.bk.resize(KV * D);
+      l.bv.resize(KV * D);
+    }
+    const int64_t qkv_cols = (Hr + 2 * KVr) * D;
+    for (int64_t r = 0; r < tp; ++r) {  // rank file r holds [q_r | k_r | v_r]
+      Mat qkv = rd.read(rank_file(L + "attention.w_qkv", r, "weight"), hid, qkv_cols);
+      l.wq.middleCols(r * Hr * D, Hr * D) = qkv.leftCols(Hr * D);
+      l.wk.middleCols(r * KVr * D, KVr * D) = qkv.middleCols(Hr * D, KVr * D);
+      l.wv.middleCols(r * KVr * D, KVr * D) = qkv.rightCols(KVr * D);
+      if (c.attn_bias) {
+        Vec b = rd.read_vec(rank_file(L + "attention.w_qkv", r, "bias"), qkv_cols);
+        l.bq.segment(r * Hr * D, Hr * D) = b.head(Hr * D);
+        l.bk.segment(r * KVr * D, KVr * D) = b.segment(Hr * D, KVr * D);
+        l.bv.segment(r * KVr * D, KVr * D) = b.tail(KVr * D);
+      }
+      l.wo.middleRows(r * Hr * D, Hr * D) = rd.read(rank_file(L + "attention.wo", r, "weight"), Hr * D, hid);
+      const std::string bo = rank_file(L + "attention.wo", r, "bias");
+      if (rd.has(bo)) {
+        Vec b = rd.read_vec(bo, hid);
+        if (r == 0) l.bo = b;
+        else if (b != l.bo) fail("{}: the replicated wo bias differs between rank 0 and rank {}", bo, r);
+      }
+      l.w1.middleCols(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w1", r, "weight"), hid, Ir);
+      l.w3.middleCols(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w3", r, "weight"), hid, Ir);
+      l.w2.middleRows(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w2", r, "weight"), Ir, hid);
+    }
+    w.layers.push_back(std::move(l));
+  }
+  return w;
+}
+
+}  // namespace tmkit

@@ -1,0 +1,36 @@
+// A TurboMind workspace loaded for the CPU oracle: every rank merged back into whole fp32
+// matrices, still in TurboMind's layout (linears [in, out], q/k channels in interleaved
+// rotary pairs, vocab and inter_size padding kept as the zero rows/columns they are).
+#pragma once
+#include <Eigen/Core>
+#include <vector>
+
+#include "turbomind.h"
+
+namespace tmkit {
+
+using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Vec = Eigen::VectorXf;
+
+struct LayerWeights {
+  Vec attn_norm, ffn_norm;
+  Mat wq, wk, wv;  // [hid, H*D], [hid, KV*D], [hid, KV*D]
+  Vec bq, bk, bv;  // empty unless attn_bias
+  Mat wo;          // [H*D, hid]
+  Vec bo;          // empty unless present
+  Mat w1, w3;      // [hid, I_pad]
+  Mat w2;          // [I_pad, hid]
+};
+
+struct ModelWeights {
+  TmConfig cfg;
+  Mat embed;   // [V_pad, hid]
+  Mat output;  // [V_pad, hid]
+  Vec norm;
+  std::vector<LayerWeights> layers;
+};
+
+// Loads any tp and any float weight type; every file must exist with exactly the expected size.
+ModelWeights load_workspace(const fs::path& workspace);
+
+}  // namespace tmkit

@@ -1,0 +1,35 @@
+// The perplexity protocol of shared/reference/*/reference.json (llama.cpp's, without its
+// half-context trick): non-overlapping chunks of `ctx` tokens, the last partial chunk dropped,
+// every token but each chunk's first scored, ppl = exp(mean NLL) with llama.cpp's error estimate.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "file_io.h"
+#include "model_weights.h"
+
+namespace tmkit {
+
+struct PplResult {
+  double ppl = 0, ppl_error = 0, mean_nll = 0;
+  int64_t chunks = 0, tokens = 0;  // tokens = scored tokens
+  double seconds = 0;
+};
+
+// Logits [T, V] of one sequence: the runtime under test (the CPU oracle, later CUDA).
+using ForwardFn = std::function<Mat(const int32_t* tokens, int64_t T)>;
+using ChunkProgress = std::function<void(int64_t done, int64_t total, double running_ppl)>;
+
+// `max_chunks` <= 0: all chunks. `threads` workers evaluate chunks in parallel; the result does
+// not depend on the number of threads (per-chunk sums are added in chunk order).
+PplResult perplexity(const ForwardFn& forward, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
+                     int threads, const ChunkProgress& progress = {});
+
+// Sum of -log softmax(logits[t])[targets[t]] and of its square, over rows t, in double.
+void nll_sums(const Mat& logits, const int32_t* targets, int64_t rows, double* sum, double* sum_sq);
+
+// int32 little-endian token ids; every id must be in [0, vocab).
+std::vector<int32_t> read_tokens(const fs::path& path, int64_t vocab);
+
+}  // namespace tmkit
