@@ -1,0 +1,141 @@
+// The shared models end to end: HF -> workspace (tp 1 and 2) -> CPU oracle, against the golden
+// logits and perplexities that PyTorch + transformers produced (shared/reference/<model>/).
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "cpu_forward.h"
+#include "hf2tm.h"
+#include "perplexity.h"
+#include "error.h"
+#include "test_util.h"
+
+using namespace tmkit;
+using json = nlohmann::json;
+
+namespace {
+
+// One conversion per (model, tp) for the whole test binary.
+fs::path workspace(const std::string& model, int64_t tp) {
+  static test::TempDir root;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const fs::path ws = root / (model + "-tp" + std::to_string(tp));
+  if (!fs::exists(ws)) {
+    Hf2TmOptions o;
+    o.src = test::model_dir(model);
+    o.dst = ws;
+    o.tp = tp;
+    convert_hf_to_tm(o);
+  }
+  return ws;
+}
+
+json reference(const std::string& model) {
+  return json::parse(test::slurp(test::reference_dir(model) / "reference.json"));
+}
+
+std::vector<int32_t> eval_tokens(const std::string& model, int64_t vocab) {
+  return read_tokens(test::reference_dir(model) / "eval.tokens.i32", vocab);
+}
+
+json run_json(const std::string& cmd) {
+  test::RunResult r = test::run(cmd);
+  EXPECT_EQ(r.code, 0) << cmd << "\n" << r.err;
+  return json::parse(r.out);
+}
+
+}  // namespace
+
+class Logits64 : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(Logits64, MatchReference) {
+  const auto [model, tp] = GetParam();
+  const CpuModel m(load_workspace(workspace(model, tp)));
+  const auto ids = eval_tokens(model, m.config().vocab_size);
+  const Mat logits = m.forward(ids.data(), 64);
+  const auto ref = test::read_array<float>(test::reference_dir(model) / "logits64.f32");
+  ASSERT_EQ(size_t(logits.size()), ref.size());
+  const double err = test::rel_l2(std::vector<float>(logits.data(), logits.data() + logits.size()), ref);
+  EXPECT_LE(err, 2e-3) << model << " tp" << tp;
+  RecordProperty("rel_l2", std::to_string(err));
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, Logits64,
+                         ::testing::Combine(::testing::Values("tiny-llama", "tiny-qwen2", "small-llama"),
+                                            ::testing::Values(1, 2)),
+                         [](const auto& info) {
+                           std::string n = std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param));
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+TEST(LogitsCli, WritesTheOracleLogits) {
+  test::TempDir tmp;
+  const fs::path ws = workspace("tiny-qwen2", 2);
+  const auto r = test::run(test::tool("tm-eval") + " logits -m " + test::q(ws) + " --tokens " +
+                           test::q(test::reference_dir("tiny-qwen2") / "eval.tokens.i32") + " -n 64 -o " + test::q(tmp / "l.f32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto got = test::read_array<float>(tmp / "l.f32");
+  const auto ref = test::read_array<float>(test::reference_dir("tiny-qwen2") / "logits64.f32");
+  ASSERT_EQ(got.size(), ref.size());
+  EXPECT_LE(test::rel_l2(got, ref), 2e-3);
+}
+
+// Full eval perplexity through the tool, against reference.json's ppl_fp16 (0.2%).
+class FullPerplexity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(FullPerplexity, WithinTolerance) {
+  const std::string model = GetParam();
+  const json ref = reference(model);
+  const int64_t ctx = ref["eval_ctx"];
+  const json r = run_json(test::tool("tm-eval") + " ppl -q --json -m " + test::q(workspace(model, 1)) + " --tokens " +
+                          test::q(test::reference_dir(model) / "eval.tokens.i32") + " -c " + std::to_string(ctx));
+  EXPECT_EQ(r["chunks"].get<int64_t>(), ref["chunks"].get<int64_t>());
+  EXPECT_EQ(r["tokens"].get<int64_t>(), ref["scored_tokens"].get<int64_t>());
+  const double ppl = r["ppl"], want = ref["ppl_fp16"];
+  EXPECT_LE(std::abs(ppl / want - 1.0), 2e-3) << model << ": ppl " << ppl << " vs ppl_fp16 " << want;
+  EXPECT_GT(r["ppl_error"].get<double>(), 0.0);
+  RecordProperty("ppl", std::to_string(ppl));
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, FullPerplexity, ::testing::Values("tiny-llama", "tiny-qwen2"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+// small-llama: the oracle's ppl over the first 16 chunks is the same whether the workspace was
+// split for tp 1 or tp 2 (merged ranks give bitwise-identical weights).
+TEST(SmallLlama, Tp2PerplexityEqualsTp1) {
+  const json ref = reference("small-llama");
+  const int64_t ctx = ref["eval_ctx"];
+  const CpuModel m1(load_workspace(workspace("small-llama", 1)));
+  const CpuModel m2(load_workspace(workspace("small-llama", 2)));
+  const auto ids = eval_tokens("small-llama", m1.config().vocab_size);
+  auto f1 = [&](const int32_t* t, int64_t T) { return m1.forward(t, T); };
+  auto f2 = [&](const int32_t* t, int64_t T) { return m2.forward(t, T); };
+  const PplResult a = perplexity(f1, ids, ctx, 16, 2), b = perplexity(f2, ids, ctx, 16, 2);
+  EXPECT_EQ(a.chunks, 16);
+  EXPECT_EQ(a.tokens, 16 * (ctx - 1));
+  EXPECT_LE(std::abs(a.ppl / b.ppl - 1.0), 1e-5) << a.ppl << " vs " << b.ppl;
+  // The thread count does not change the result.
+  EXPECT_EQ(perplexity(f1, ids, ctx, 4, 1).ppl, perplexity(f1, ids, ctx, 4, 2).ppl);
+}
+
+TEST(Perplexity, ProtocolOnAKnownDistribution) {
+  // A "model" that always predicts uniform logits over V tokens has ppl exactly V.
+  const int64_t V = 37;
+  std::vector<int32_t> ids(1000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t(i % V);
+  auto uniform = [&](const int32_t*, int64_t T) { return Mat(Mat::Zero(T, V)); };
+  const PplResult r = perplexity(uniform, ids, 100, 0, 2);
+  EXPECT_EQ(r.chunks, 10);
+  EXPECT_EQ(r.tokens, 990);
+  EXPECT_NEAR(r.ppl, double(V), 1e-9);
+  EXPECT_NEAR(r.ppl_error, 0.0, 1e-6);  // every NLL is log(V): zero spread up to rounding
+  EXPECT_THROW(perplexity(uniform, ids, 2000, 0, 1), Error);
+}

@@ -1,0 +1,89 @@
+// Helpers shared by the tests: where shared/ and the tools are, temporary folders, running a
+// tool and capturing its exit code and output.
+#pragma once
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace tmkit::test {
+
+namespace fs = std::filesystem;
+
+inline fs::path shared_dir() {
+  const char* env = std::getenv("TMKIT_SHARED");
+  return fs::path(env && *env ? env : TMKIT_DEFAULT_SHARED);
+}
+inline fs::path model_dir(const std::string& m) { return shared_dir() / "models" / m; }
+inline fs::path reference_dir(const std::string& m) { return shared_dir() / "reference" / m; }
+inline std::string tool(const std::string& name) { return (fs::path(TMKIT_BIN_DIR) / name).string(); }
+
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = fs::temp_directory_path() / ("tmkit-test-" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+  fs::path operator/(const std::string& s) const { return path_ / s; }
+
+ private:
+  fs::path path_;
+};
+
+struct RunResult {
+  int code = -1;
+  std::string out, err;
+};
+
+inline std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Runs `cmd` through the shell with stdout and stderr captured separately.
+inline RunResult run(const std::string& cmd) {
+  TempDir tmp;
+  const std::string full = cmd + " >" + (tmp / "out").string() + " 2>" + (tmp / "err").string();
+  int status = std::system(full.c_str());
+  RunResult r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(tmp / "out");
+  r.err = slurp(tmp / "err");
+  return r;
+}
+
+inline std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+
+template <typename T>
+std::vector<T> read_array(const fs::path& p) {
+  std::string s = slurp(p);
+  std::vector<T> v(s.size() / sizeof(T));
+  std::memcpy(v.data(), s.data(), v.size() * sizeof(T));
+  return v;
+}
+
+inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += double(a[i] - b[i]) * double(a[i] - b[i]);
+    den += double(b[i]) * double(b[i]);
+  }
+  return std::sqrt(num / den);
+}
+
+}  // namespace tmkit::test
