@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <future>
 
 #include <fmt/ranges.h>
 
@@ -78,24 +79,30 @@ uint64_t fill_rows(const FilePlan& p, int64_t r0, int64_t r1, uint8_t* buf, Cvt 
     }
     return overflow;
   }
-  // Transposed: output row i is source column col_offset + i across all plan rows.
-  // Blocked so that both the source rows and the output rows stay in cache.
+  // Transposed: output row i is source column col_offset + i across all plan rows. Each 64x64
+  // tile is transposed into a small local buffer, then stored as whole contiguous tile rows:
+  // storing element by element with the output's stride (often a multiple of 4 KiB) would keep
+  // evicting the same few L1 sets.
   constexpr int64_t B = 64;
+  alignas(64) uint8_t tile[B * B * DS];
   for (int64_t j0 = 0; j0 < R; j0 += B) {
-    const int64_t j1 = std::min(R, j0 + B);
+    const int64_t j1 = std::min(R, j0 + B), bj = j1 - j0;
     for (int64_t i0 = r0; i0 < r1; i0 += B) {
       const int64_t i1 = std::min(r1, i0 + B);
       for (int64_t j = j0; j < j1; ++j) {
         const RowRef& ref = p.rows[size_t(j)];
         const int64_t src_cols = ref.src ? ref.src->cols() : 0;
-        const uint8_t* s = ref.src ? ref.src->data + size_t(ref.row) * size_t(src_cols) * SS : nullptr;
-        for (int64_t i = i0; i < i1; ++i) {
-          uint8_t* d = buf + (size_t(i - r0) * size_t(R) + size_t(j)) * DS;
-          const int64_t c = p.col_offset + i;
-          if (s && c < src_cols) overflow += cvt(s + size_t(c) * SS, d);
-          else std::memset(d, 0, DS);
+        // Output rows [i0, valid) read the source; the rest (padding, null rows) are zeros.
+        const int64_t valid = ref.src ? std::clamp<int64_t>(src_cols - p.col_offset, i0, i1) : i0;
+        uint8_t* t = tile + size_t(j - j0) * DS;
+        if (ref.src) {
+          const uint8_t* s = ref.src->data + (size_t(ref.row) * size_t(src_cols) + size_t(p.col_offset + i0)) * SS;
+          for (int64_t i = i0; i < valid; ++i, s += SS) overflow += cvt(s, t + size_t((i - i0) * bj) * DS);
         }
+        for (int64_t i = valid; i < i1; ++i) std::memset(t + size_t((i - i0) * bj) * DS, 0, DS);
       }
+      for (int64_t i = i0; i < i1; ++i)
+        std::memcpy(buf + (size_t(i - r0) * size_t(R) + size_t(j0)) * DS, tile + size_t((i - i0) * bj) * DS, size_t(bj) * DS);
     }
   }
   return overflow;
@@ -108,14 +115,22 @@ WriteStats run(const FilePlan& p, OutputFile& out, uint64_t chunk_bytes, Cvt cvt
   const int64_t out_cols = p.transpose ? int64_t(p.rows.size()) : p.cols;
   const uint64_t row_bytes = uint64_t(std::max<int64_t>(out_cols, 1)) * DS;
   const int64_t step = std::max<int64_t>(1, int64_t(chunk_bytes / row_bytes));
-  std::vector<uint8_t> buf(size_t(std::min<int64_t>(step, std::max<int64_t>(out_rows, 1))) * row_bytes);
+  const size_t buf_bytes = size_t(std::min<int64_t>(step, std::max<int64_t>(out_rows, 1))) * row_bytes;
+  // Double buffering: chunk k is written by a helper thread while chunk k+1 is gathered.
+  std::vector<uint8_t> bufs[2] = {std::vector<uint8_t>(buf_bytes), std::vector<uint8_t>(out_rows > step ? buf_bytes : 0)};
+  std::future<void> pending;
   WriteStats st;
-  for (int64_t r0 = 0; r0 < out_rows; r0 += step) {
+  int k = 0;
+  for (int64_t r0 = 0; r0 < out_rows; r0 += step, k ^= 1) {
     const int64_t r1 = std::min(out_rows, r0 + step);
-    st.overflow += fill_rows(p, r0, r1, buf.data(), cvt);
-    out.write(buf.data(), size_t(r1 - r0) * size_t(row_bytes));
-    st.bytes += uint64_t(r1 - r0) * row_bytes;
+    uint8_t* buf = bufs[k].data();
+    st.overflow += fill_rows(p, r0, r1, buf, cvt);
+    const size_t n = size_t(r1 - r0) * size_t(row_bytes);
+    if (pending.valid()) pending.get();
+    pending = std::async(std::launch::async, [&out, buf, n] { out.write(buf, n); });
+    st.bytes += n;
   }
+  if (pending.valid()) pending.get();
   return st;
 }
 

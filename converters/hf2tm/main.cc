@@ -25,9 +25,9 @@ int main(int argc, char** argv) {
   app.add_flag("-q,--quiet", quiet, "no progress on stderr");
   CLI11_PARSE(app, argc, argv);
 
+  tmkit::Progress progress("hf2tm", "B", !quiet);
   try {
     tmkit::install_interrupt_handler();
-    tmkit::Progress progress("hf2tm", "B", !quiet);
     auto rep = tmkit::convert_hf_to_tm(opt, [&](int64_t i, int64_t n, uint64_t done, uint64_t total, const std::string& f) {
       progress.update(i, n, double(done), double(total), f);
     });
@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const std::exception& e) {
+    progress.finish();
     fmt::print(stderr, "hf2tm: error: {}\n", e.what());
     return 1;
   }

@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   ppl->add_flag("-q,--quiet", quiet, "no progress on stderr");
 
   CLI11_PARSE(app, argc, argv);
+  tmkit::Progress progress("tm-eval ppl", "chunks", !quiet);
   try {
     if (logits->parsed()) {
       const tmkit::CpuModel model = load_model(lc);
@@ -68,7 +69,6 @@ int main(int argc, char** argv) {
     }
     const tmkit::CpuModel model = load_model(pc);
     const auto ids = tmkit::read_tokens(pc.tokens, model.config().vocab_size);
-    tmkit::Progress progress("tm-eval ppl", "chunks", !quiet);
     auto forward = [&](const int32_t* t, int64_t T) { return model.forward(t, T); };
     const auto r = tmkit::perplexity(forward, ids, ctx, chunks, pc.threads, [&](int64_t d, int64_t n, double p) {
       progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
@@ -86,6 +86,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const std::exception& e) {
+    progress.finish();
     fmt::print(stderr, "tm-eval: error: {}\n", e.what());
     return 1;
   }
