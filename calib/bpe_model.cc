@@ -15,7 +15,7 @@ void BpeMerges::apply(std::vector<int32_t>& ids) const {
     if (const Merge* m = find(ids[0], ids[1])) ids = {m->merged};
     return;
   }
-  std::vector<int> prev(size_t(n)), next(size_t(n));
+  std::vector<int> prev(static_cast<size_t>(n)), next(static_cast<size_t>(n));
   std::vector<char> alive(size_t(n), 1);
   for (int i = 0; i < n; ++i) {
     prev[size_t(i)] = i - 1;

@@ -2,6 +2,7 @@
 // apply merges by rank until none applies, as Hugging Face tokenizers does (lowest rank first,
 // leftmost first among equal ranks). A heap keeps long words O(n log n).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <unordered_map>
 #include <vector>

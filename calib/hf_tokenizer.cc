@@ -8,7 +8,7 @@
 
 #include "bpe_model.h"
 #include "error.h"
-#include "regex.h"
+#include "pcre_regex.h"
 #include "utf8.h"
 
 namespace tmkit {

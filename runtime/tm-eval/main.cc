@@ -4,87 +4,143 @@
 #include <thread>
 
 #include "cpu_forward.h"
+#include "dataset.h"
 #include "error.h"
 #include "perplexity.h"
 #include "progress.h"
+#include "tokenizer.h"
 
 namespace {
 
-struct Common {
-  std::string model, tokens, device = "cpu";
+using tmkit::fs::path;
+
+struct Options {
+  std::string model, tokens, text, device = "cpu", output;
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  int64_t n = 64, ctx = 512, chunks = 0;
+  bool json = false, quiet = false, force = false, add_special = false;
 };
 
-void add_common(CLI::App* cmd, Common& c) {
-  cmd->add_option("-m,--model", c.model, "TurboMind workspace folder (any tp, float16 or bfloat16)")->required();
-  cmd->add_option("--tokens", c.tokens, "int32 little-endian token ids")->required();
-  cmd->add_option("--device", c.device, "cpu (the Eigen oracle)")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("-t,--threads", c.threads, "CPU threads")->check(CLI::Range(1, 1024));
+void add_model_inputs(CLI::App* cmd, Options& o) {
+  cmd->add_option("-m,--model", o.model, "TurboMind workspace folder (any tp, float16 or bfloat16)")->required();
+  auto* tokens = cmd->add_option("--tokens", o.tokens, "int32 little-endian token ids");
+  auto* text = cmd->add_option("-f,--file", o.text,
+                               "text to tokenize with the workspace's tokenizer (a file, a folder of .txt, or .jsonl)");
+  tokens->excludes(text);
+  cmd->add_option("--device", o.device, "cpu (the Eigen oracle)")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("-t,--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
 }
 
-tmkit::CpuModel load_model(const Common& c) {
-  if (c.device != "cpu") tmkit::fail("--device {}: this build has only the CPU runtime", c.device);
-  return tmkit::CpuModel(tmkit::load_workspace(c.model));
+tmkit::CpuModel load_model(const Options& o) {
+  if (o.device != "cpu") tmkit::fail("--device {}: this build has only the CPU runtime", o.device);
+  return tmkit::CpuModel(tmkit::load_workspace(o.model));
+}
+
+std::vector<int32_t> input_tokens(const Options& o, int64_t vocab) {
+  if (!o.tokens.empty()) return tmkit::read_tokens(o.tokens, vocab);
+  if (o.text.empty()) tmkit::fail("give the input as --tokens <ids.i32> or -f <text>");
+  const auto tok = tmkit::load_tokenizer(o.model);
+  auto ids = tmkit::dataset_tokens(o.text, *tok);
+  for (int32_t id : ids)
+    if (id >= vocab) tmkit::fail("{}: the tokenizer produced id {}, outside the model's vocabulary [0, {})", o.model, id, vocab);
+  return ids;
+}
+
+void write_output(const std::string& out, bool force, const void* data, size_t n) {
+  tmkit::AtomicOutputFile f(out, force);
+  tmkit::write_file(f.tmp(), data, n);
+  f.commit();
+}
+
+int run_logits(const Options& o) {
+  const tmkit::CpuModel model = load_model(o);
+  const auto ids = input_tokens(o, model.config().vocab_size);
+  if (int64_t(ids.size()) < o.n) tmkit::fail("{} tokens, fewer than -n {}", ids.size(), o.n);
+  const tmkit::Mat l = model.forward(ids.data(), o.n);
+  write_output(o.output, o.force, l.data(), size_t(l.size()) * sizeof(float));
+  fmt::print(stderr, "tm-eval: wrote logits [{}, {}] to {}\n", l.rows(), l.cols(), o.output);
+  return 0;
+}
+
+int run_ppl(const Options& o, tmkit::Progress& progress) {
+  const tmkit::CpuModel model = load_model(o);
+  const auto ids = input_tokens(o, model.config().vocab_size);
+  auto forward = [&](const int32_t* t, int64_t T) { return model.forward(t, T); };
+  const auto r = tmkit::perplexity(forward, ids, o.ctx, o.chunks, o.threads, [&](int64_t d, int64_t n, double p) {
+    progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
+  });
+  progress.finish();
+  if (o.json) {
+    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", o.device},
+                        {"ctx", o.ctx}, {"ppl", r.ppl}, {"ppl_error", r.ppl_error}, {"mean_nll", r.mean_nll},
+                        {"chunks", r.chunks}, {"tokens", r.tokens}, {"seconds", r.seconds},
+                        {"tokens_per_second", r.seconds > 0 ? double(r.chunks * o.ctx) / r.seconds : 0.0}};
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("Final estimate: PPL = {:.4f} +/- {:.5f}  ({} chunks of {}, {} scored tokens, {:.1f} s)\n", r.ppl,
+               r.ppl_error, r.chunks, o.ctx, r.tokens, r.seconds);
+  }
+  return 0;
+}
+
+int run_tokenize(const Options& o) {
+  const auto tok = tmkit::load_tokenizer(o.model);
+  const auto ids = o.add_special ? tok->encode(tmkit::join_documents(tmkit::load_documents(o.text)), true)
+                                 : tmkit::dataset_tokens(o.text, *tok);
+  write_output(o.output, o.force, ids.data(), ids.size() * sizeof(int32_t));
+  if (!o.quiet) fmt::print(stderr, "tm-eval: {} tokens ({}) written to {}\n", ids.size(), tok->kind(), o.output);
+  return 0;
+}
+
+int run_detokenize(const Options& o) {
+  const auto tok = tmkit::load_tokenizer(o.model);
+  const std::string text = tok->decode(tmkit::read_tokens(o.tokens, tok->vocab_size()));
+  if (o.output.empty()) fmt::print("{}", text);
+  else write_output(o.output, o.force, text.data(), text.size());
+  return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"tm-eval: run a TurboMind workspace to verify it (logits, perplexity)"};
+  CLI::App app{"tm-eval: run a TurboMind workspace to verify it (logits, perplexity), and its tokenizer"};
   app.require_subcommand(1);
+  Options o;
 
-  Common lc;
-  int64_t n_tokens = 64;
-  std::string out;
-  bool force = false;
   CLI::App* logits = app.add_subcommand("logits", "write fp32 logits [n, vocab] of the first n tokens, row-major");
-  add_common(logits, lc);
-  logits->add_option("-n", n_tokens, "number of tokens (one sequence, positions 0..n-1)")->check(CLI::Range(1, 1 << 20));
-  logits->add_option("-o,--output", out, "output .f32 file")->required();
-  logits->add_flag("--force", force, "replace an existing output");
+  add_model_inputs(logits, o);
+  logits->add_option("-n", o.n, "number of tokens (one sequence, positions 0..n-1)")->check(CLI::Range(1, 1 << 20));
+  logits->add_option("-o,--output", o.output, "output .f32 file")->required();
+  logits->add_flag("--force", o.force, "replace an existing output");
 
-  Common pc;
-  int64_t ctx = 512, chunks = 0;
-  bool json = false, quiet = false;
   CLI::App* ppl = app.add_subcommand("ppl", "perplexity: non-overlapping chunks of -c tokens, each chunk's first token unscored");
-  add_common(ppl, pc);
-  ppl->add_option("-c,--ctx-size", ctx, "tokens per chunk")->check(CLI::Range(2, 1 << 20));
-  ppl->add_option("--chunks", chunks, "score only the first N chunks (default: all)")->check(CLI::NonNegativeNumber);
-  ppl->add_flag("--json", json, "print a JSON report on stdout");
-  ppl->add_flag("-q,--quiet", quiet, "no progress on stderr");
+  add_model_inputs(ppl, o);
+  ppl->add_option("-c,--ctx-size", o.ctx, "tokens per chunk")->check(CLI::Range(2, 1 << 20));
+  ppl->add_option("--chunks", o.chunks, "score only the first N chunks (default: all)")->check(CLI::NonNegativeNumber);
+  ppl->add_flag("--json", o.json, "print a JSON report on stdout");
+  ppl->add_flag("-q,--quiet", o.quiet, "no progress on stderr");
+
+  CLI::App* tokenize = app.add_subcommand("tokenize", "text -> int32 token ids with the model's own tokenizer");
+  tokenize->add_option("-m,--model", o.model, "HF model folder, workspace, or tokenizer.json / tokenizer.model")->required();
+  tokenize->add_option("-f,--file", o.text, "text: a file, a folder of .txt files, or .jsonl (documents joined by a blank line)")->required();
+  tokenize->add_option("-o,--output", o.output, "output .i32 file")->required();
+  tokenize->add_flag("--add-special", o.add_special, "apply the post-processor (e.g. prepend BOS)");
+  tokenize->add_flag("--force", o.force, "replace an existing output");
+  tokenize->add_flag("-q,--quiet", o.quiet, "no summary on stderr");
+
+  CLI::App* detokenize = app.add_subcommand("detokenize", "int32 token ids -> text");
+  detokenize->add_option("-m,--model", o.model, "HF model folder, workspace, or tokenizer.json / tokenizer.model")->required();
+  detokenize->add_option("--tokens", o.tokens, "int32 little-endian token ids")->required();
+  detokenize->add_option("-o,--output", o.output, "output text file (default: stdout)");
+  detokenize->add_flag("--force", o.force, "replace an existing output");
 
   CLI11_PARSE(app, argc, argv);
-  tmkit::Progress progress("tm-eval ppl", "chunks", !quiet);
+  tmkit::Progress progress("tm-eval ppl", "chunks", !o.quiet);
   try {
-    if (logits->parsed()) {
-      const tmkit::CpuModel model = load_model(lc);
-      const auto ids = tmkit::read_tokens(lc.tokens, model.config().vocab_size);
-      if (int64_t(ids.size()) < n_tokens) tmkit::fail("{}: {} tokens, fewer than -n {}", lc.tokens, ids.size(), n_tokens);
-      const tmkit::Mat l = model.forward(ids.data(), n_tokens);
-      tmkit::AtomicOutputFile f(out, force);
-      tmkit::write_file(f.tmp(), l.data(), size_t(l.size()) * sizeof(float));
-      f.commit();
-      fmt::print(stderr, "tm-eval: wrote logits [{}, {}] to {}\n", l.rows(), l.cols(), out);
-      return 0;
-    }
-    const tmkit::CpuModel model = load_model(pc);
-    const auto ids = tmkit::read_tokens(pc.tokens, model.config().vocab_size);
-    auto forward = [&](const int32_t* t, int64_t T) { return model.forward(t, T); };
-    const auto r = tmkit::perplexity(forward, ids, ctx, chunks, pc.threads, [&](int64_t d, int64_t n, double p) {
-      progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
-    });
-    progress.finish();
-    if (json) {
-      nlohmann::json j = {{"model", pc.model}, {"tokens_file", pc.tokens}, {"device", pc.device}, {"ctx", ctx},
-                          {"ppl", r.ppl}, {"ppl_error", r.ppl_error}, {"mean_nll", r.mean_nll},
-                          {"chunks", r.chunks}, {"tokens", r.tokens}, {"seconds", r.seconds},
-                          {"tokens_per_second", r.seconds > 0 ? double(r.chunks * ctx) / r.seconds : 0.0}};
-      fmt::print("{}\n", j.dump(2));
-    } else {
-      fmt::print("Final estimate: PPL = {:.4f} +/- {:.5f}  ({} chunks of {}, {} scored tokens, {:.1f} s)\n", r.ppl,
-                 r.ppl_error, r.chunks, ctx, r.tokens, r.seconds);
-    }
-    return 0;
+    if (logits->parsed()) return run_logits(o);
+    if (ppl->parsed()) return run_ppl(o, progress);
+    if (tokenize->parsed()) return run_tokenize(o);
+    return run_detokenize(o);
   } catch (const std::exception& e) {
     progress.finish();
     fmt::print(stderr, "tm-eval: error: {}\n", e.what());
