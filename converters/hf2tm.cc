@@ -260,10 +260,26 @@ void copy_tokenizer(const fs::path& src, const fs::path& dst, std::vector<std::s
   }
 }
 
+// A tensor the plans do not read would be silently dropped from the workspace: refuse instead.
+void check_all_tensors_used(const Checkpoint& ckpt, const HfConfig& hf, const std::vector<FilePlan>& plans) {
+  std::set<std::string> used;
+  for (const auto& p : plans) used.insert(p.sources.begin(), p.sources.end());
+  for (const std::string& name : ckpt.names()) {
+    if (used.count(name) || name.ends_with(".rotary_emb.inv_freq")) continue;
+    if (hf.tie_word_embeddings && (name == "lm_head.weight" || name == "output.weight")) continue;
+    fail("{}: tensor '{}' is not used by the {} conversion (an unsupported variant?)", ckpt.dir().string(), name,
+         hf.architecture);
+  }
+}
+
 }  // namespace
 
 Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progress) {
   const auto t0 = std::chrono::steady_clock::now();
+  // --force must never replace the folder being read (or one that contains it).
+  const fs::path src = fs::weakly_canonical(opt.src), dst = fs::weakly_canonical(opt.dst);
+  if (std::mismatch(dst.begin(), dst.end(), src.begin(), src.end()).first == dst.end())
+    fail("--dst-path {}: is or contains the source model folder {}", opt.dst.string(), opt.src.string());
   const HfConfig hf = load_hf_config(opt.src);
   if (hf.awq.present)
     fail("{}: AWQ int4 checkpoints are not supported by hf2tm yet (quantization_config present)",
@@ -279,6 +295,7 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
 
   PlanBuilder builder(ckpt, hf, tm);
   std::vector<FilePlan> plans = builder.build();
+  check_all_tensors_used(ckpt, hf, plans);
 
   // Release each source tensor's pages after the last file that reads it.
   std::map<std::string, size_t> last_use;

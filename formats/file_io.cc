@@ -149,7 +149,8 @@ void AtomicOutputDir::commit() {
   }
   fs::rename(tmp_, dest_, ec);
   if (ec) {
-    if (!old.empty()) fs::rename(old, dest_);
+    std::error_code ignored;
+    if (!old.empty()) fs::rename(old, dest_, ignored);
     fail("{}: cannot rename {} into place: {}", dest_.string(), tmp_.string(), ec.message());
   }
   committed_ = true;

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "error.h"
+#include "json_limits.h"
 
 namespace tmkit {
 
@@ -54,12 +56,8 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) : file_(path) {
   data_offset_ = 8 + n;
   const uint64_t data_size = file_.size() - data_offset_;
 
-  json header;
-  try {
-    header = json::parse(file_.data() + 8, file_.data() + 8 + n);
-  } catch (const json::exception& e) {
-    fail("{}: header is not valid JSON: {}", where, e.what());
-  }
+  // Depth 3: {name: {"shape": [..]}}; anything deeper is not a safetensors header.
+  const json header = parse_json(std::string_view(reinterpret_cast<const char*>(file_.data()) + 8, n), 3, where + ": header");
   if (!header.is_object()) fail("{}: header is not a JSON object", where);
 
   for (auto it = header.begin(); it != header.end(); ++it) {
@@ -126,15 +124,11 @@ Checkpoint::Checkpoint(const fs::path& dir) : dir_(dir) {
   if (!fs::is_directory(dir)) fail("{}: not a directory", dir.string());
   const fs::path index = dir / "model.safetensors.index.json";
   const fs::path single = dir / "model.safetensors";
+  std::set<std::string> shard_set;
   std::vector<std::string> shards;
   json weight_map;
   if (fs::exists(index)) {
-    json j;
-    try {
-      j = json::parse(read_text_file(index));
-    } catch (const json::exception& e) {
-      fail("{}: not valid JSON: {}", index.string(), e.what());
-    }
+    const json j = parse_json(read_text_file(index), 4, index.string());
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail("{}: missing the weight_map object", index.string());
     weight_map = j["weight_map"];
@@ -143,9 +137,9 @@ Checkpoint::Checkpoint(const fs::path& dir) : dir_(dir) {
       const std::string shard = it.value().get<std::string>();
       if (!is_plain_file_name(shard))
         fail("{}: shard name '{}' of tensor '{}' leaves the model folder", index.string(), shard, it.key());
-      if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
+      shard_set.insert(shard);
     }
-    std::sort(shards.begin(), shards.end());
+    shards.assign(shard_set.begin(), shard_set.end());
   } else if (fs::exists(single)) {
     shards.push_back("model.safetensors");
   } else {

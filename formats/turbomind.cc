@@ -78,9 +78,10 @@ struct YamlReader {
     YAML::Node v = node[key];
     return (!v || v.IsNull()) ? dflt : as<T>(key);
   }
-  int64_t positive(const char* key) const {
+  // Bounded so that products of two dimensions fit in int64 and nothing absurd is allocated.
+  int64_t positive(const char* key, int64_t max = int64_t(1) << 24) const {
     int64_t v = as<int64_t>(key);
-    if (v <= 0 || v > (int64_t(1) << 32)) fail("{}: '{}.{}' = {} is out of range", where, section, key, v);
+    if (v <= 0 || v > max) fail("{}: '{}.{}' = {} is out of range [1, {}]", where, section, key, v, max);
     return v;
   }
 };
@@ -232,7 +233,7 @@ TmConfig parse_config_yaml(const std::string& text, const std::string& where) {
   c.vocab_size = m.positive("vocab_size");
   c.embedding_size = m.opt<int64_t>("embedding_size", c.vocab_size);
   if (c.embedding_size == 0) c.embedding_size = c.vocab_size;
-  c.num_layer = m.positive("num_layer");
+  c.num_layer = m.positive("num_layer", 4096);
   c.norm_eps = m.as<double>("norm_eps");
   c.attn_bias = m.opt<int64_t>("attn_bias", 0);
   c.start_id = m.opt<int64_t>("start_id", 0);
@@ -250,7 +251,7 @@ TmConfig parse_config_yaml(const std::string& text, const std::string& where) {
     for (size_t i = 0; i < inter.size(); ++i) {
       int64_t v = 0;
       try { v = inter[i].as<int64_t>(); } catch (const YAML::Exception&) { v = -1; }
-      if (v <= 0) fail("{}: model_config.inter_size[{}] is not a positive integer", where, i);
+      if (v <= 0 || v > (int64_t(1) << 24)) fail("{}: model_config.inter_size[{}] is out of range", where, i);
       c.inter_size.push_back(v);
     }
     if (int64_t(c.inter_size.size()) != c.num_layer)
@@ -259,6 +260,11 @@ TmConfig parse_config_yaml(const std::string& text, const std::string& where) {
     c.inter_size.assign(size_t(c.num_layer), m.positive("inter_size"));
   }
   if (c.tp < 1 || c.tp > 1024) fail("{}: model_config.tp = {} is out of range", where, c.tp);
+  if ((c.head_num + 2 * c.kv_head_num) * c.size_per_head > (int64_t(1) << 24))
+    fail("{}: head_num x size_per_head is out of range", where);
+  if (c.embedding_size != c.vocab_size)
+    fail("{}: embedding_size {} differs from vocab_size {} (not supported)", where, c.embedding_size, c.vocab_size);
+  if (!(c.norm_eps > 0 && c.norm_eps < 1)) fail("{}: model_config.norm_eps {} is out of range", where, c.norm_eps);
   if (c.head_num % c.tp || c.kv_head_num % c.tp || c.head_num % c.kv_head_num || c.hidden_units % c.tp)
     fail("{}: head_num {}, kv_head_num {} and hidden_units {} do not split across tp {}", where, c.head_num,
          c.kv_head_num, c.hidden_units, c.tp);
@@ -266,15 +272,28 @@ TmConfig parse_config_yaml(const std::string& text, const std::string& where) {
     if (i % c.tp) fail("{}: inter_size {} is not divisible by tp {}", where, i, c.tp);
 
   c.rotary_embedding = a.opt<int64_t>("rotary_embedding", c.size_per_head);
+  if (c.rotary_embedding < 2 || c.rotary_embedding > c.size_per_head || c.rotary_embedding % 2)
+    fail("{}: attention_config.rotary_embedding {} must be even and in [2, size_per_head {}]", where,
+         c.rotary_embedding, c.size_per_head);
   c.rope_theta = a.opt<double>("rope_theta", 10000.0);
+  if (!(c.rope_theta > 1.0) || c.rope_theta > 1e12) fail("{}: attention_config.rope_theta {} is out of range", where, c.rope_theta);
   c.max_position_embeddings = a.opt<int64_t>("max_position_embeddings", 0);
   c.original_max_position_embeddings = a.opt<int64_t>("original_max_position_embeddings", 0);
   c.rope_scaling_type = a.opt<std::string>("rope_scaling_type", "");
   c.rope_scaling_factor = a.opt<double>("rope_scaling_factor", 0.0);
   c.use_dynamic_ntk = a.opt<int64_t>("use_dynamic_ntk", 0);
   if (c.use_dynamic_ntk && c.rope_scaling_type.empty()) c.rope_scaling_type = "dynamic";
+  const std::string& rt = c.rope_scaling_type;
+  if (!rt.empty() && rt != "linear" && rt != "dynamic" && rt != "llama3" && rt != "yarn")
+    fail("{}: unsupported attention_config.rope_scaling_type '{}'", where, rt);
+  if (!rt.empty() && !(c.rope_scaling_factor > 0 && c.rope_scaling_factor < 1e6))
+    fail("{}: attention_config.rope_scaling_factor {} is out of range", where, c.rope_scaling_factor);
+  if (rt == "dynamic" && c.max_position_embeddings <= 0)
+    fail("{}: dynamic rope scaling needs attention_config.max_position_embeddings", where);
   c.low_freq_factor = a.opt<double>("low_freq_factor", 1.0);
   c.high_freq_factor = a.opt<double>("high_freq_factor", 1.0);
+  if (rt == "llama3" && (c.original_max_position_embeddings <= 0 || !(c.high_freq_factor > c.low_freq_factor)))
+    fail("{}: llama3 rope scaling needs original_max_position_embeddings and high_freq_factor > low_freq_factor", where);
   c.attention_factor = a.opt<double>("attention_factor", 1.0);
   c.beta_fast = a.opt<double>("beta_fast", 32.0);
   c.beta_slow = a.opt<double>("beta_slow", 1.0);

@@ -21,7 +21,7 @@ Mat rms_norm(const Mat& x, const Vec& w, double eps) {
 // Rotates adjacent channel pairs (2j, 2j+1) of every head by position * inv_freq[j].
 void apply_rope(Mat& x, int64_t heads, int64_t D, const RopeTable& rt) {
   for (int64_t t = 0; t < x.rows(); ++t) {
-    for (int64_t j = 0; j < D / 2; ++j) {
+    for (int64_t j = 0; j < int64_t(rt.inv_freq.size()); ++j) {  // the first rotary_embedding channels
       const float angle = float(t) * rt.inv_freq[size_t(j)];
       const float c = std::cos(angle) * rt.attention_scaling, s = std::sin(angle) * rt.attention_scaling;
       for (int64_t h = 0; h < heads; ++h) {

@@ -84,7 +84,10 @@ ModelWeights load_workspace(const fs::path& ws) {
         l.bv.segment(r * KVr * D, KVr * D) = b.tail(KVr * D);
       }
       l.wo.middleRows(r * Hr * D, Hr * D) = rd.read(rank_file(L + "attention.wo", r, "weight"), Hr * D, hid);
+      // The wo bias is replicated: every rank has the same one, or none has any.
       const std::string bo = rank_file(L + "attention.wo", r, "bias");
+      if (rd.has(bo) != rd.has(rank_file(L + "attention.wo", 0, "bias")))
+        fail("{}: the wo bias exists on some ranks only", bo);
       if (rd.has(bo)) {
         Vec b = rd.read_vec(bo, hid);
         if (r == 0) l.bo = b;

@@ -193,6 +193,28 @@ TEST(Hf2TmBad, UnwritableDestination) {
   EXPECT_EQ(listing(tmp.path()), (std::set<std::string>{"a-file"}));
 }
 
+TEST(Hf2TmBad, UnusedTensorIsNotDropped) {
+  TempDir tmp;
+  const fs::path src = copy_model(tmp, "tiny-llama");
+  auto st = RawSafetensors::load(src / "model.safetensors");
+  const uint64_t end = st.data.size();
+  st.header["model.layers.0.mlp.gate_proj.bias"] = {{"dtype", "F32"}, {"shape", {384}}, {"data_offsets", {end, end + 384 * 4}}};
+  st.data.append(384 * 4, '\0');
+  st.save(src / "model.safetensors");
+  expect_hf2tm_error(tmp, src, "", {"model.layers.0.mlp.gate_proj.bias", "is not used"});
+}
+
+TEST(Hf2TmBad, ForceNeverReplacesTheSource) {
+  TempDir tmp;
+  const fs::path src = copy_model(tmp, "tiny-llama");
+  for (const fs::path& dst : {src, tmp.path()}) {
+    const auto r = test::run(test::tool("hf2tm") + " -q " + q(src) + " --force --dst-path " + q(dst));
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find("contains the source model folder"), std::string::npos) << r.err;
+  }
+  EXPECT_TRUE(fs::exists(src / "model.safetensors"));
+}
+
 TEST(Hf2TmBad, BadFlags) {
   TempDir tmp;
   for (const char* flags : {"--tp 0", "--dtype float64", "--tp x"}) {

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "error.h"
@@ -170,4 +171,50 @@ TEST(TmConfigBad, YamlMissingOrInconsistent) {
   std::string bad_type = text;
   bad_type.replace(bad_type.find("float16"), 7, "float64");
   EXPECT_NE(error_of([&] { parse_config_yaml(bad_type, "ws/config.yaml"); }).find("float64"), std::string::npos);
+}
+
+TEST(HfConfig, YarnDefaultAttentionFactor) {
+  json j = llama_json();
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 8192}};
+  EXPECT_NEAR(parse_hf_config(j.dump(), "cfg").rope.attention_factor, 0.1 * std::log(4.0) + 1.0, 1e-12);
+  j["rope_scaling"]["attention_factor"] = 1.5;
+  EXPECT_EQ(parse_hf_config(j.dump(), "cfg").rope.attention_factor, 1.5);
+}
+
+TEST(HfConfigBad, AbsurdValuesAreRefusedBeforeUse) {
+  auto err = [](json j) { return error_of([&] { parse_hf_config(j.dump(), "cfg"); }); };
+  json j = llama_json();
+  j["num_hidden_layers"] = 4000000000LL;
+  EXPECT_NE(err(j).find("num_hidden_layers"), std::string::npos);
+  j = llama_json();
+  j["num_attention_heads"] = j["num_key_value_heads"] = 1 << 20;
+  j["head_dim"] = 1 << 20;
+  EXPECT_NE(err(j).find("head_dim is out of range"), std::string::npos);
+  j = llama_json();
+  j["rope_theta"] = 0;
+  EXPECT_NE(err(j).find("rope_theta"), std::string::npos);
+  j = llama_json();
+  j["mlp_bias"] = true;
+  EXPECT_NE(err(j).find("mlp_bias"), std::string::npos);
+  j = llama_json();
+  j["rms_norm_eps"] = -1;
+  EXPECT_NE(err(j).find("rms_norm_eps"), std::string::npos);
+  std::string deep(100, '[');
+  EXPECT_NE(error_of([&] { parse_hf_config("{\"a\":" + deep, "cfg"); }).find("nested deeper"), std::string::npos);
+}
+
+TEST(TmConfigBad, RotaryAndSizesAreChecked) {
+  TmConfig t = make_tm_config(load_hf_config(test::model_dir("tiny-llama")), 1, "float16");
+  const std::string text = format_config_yaml(t);
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = text;
+    s.replace(s.find(from), from.size(), to);
+    return error_of([&] { parse_config_yaml(s, "ws/config.yaml"); });
+  };
+  EXPECT_NE(with("rotary_embedding: 32", "rotary_embedding: 64").find("rotary_embedding 64"), std::string::npos);
+  EXPECT_NE(with("rotary_embedding: 32", "rotary_embedding: 3").find("rotary_embedding 3"), std::string::npos);
+  EXPECT_NE(with("head_num: 4", "head_num: 4294967296").find("head_num"), std::string::npos);
+  EXPECT_NE(with("num_layer: 4", "num_layer: 4294967296").find("num_layer"), std::string::npos);
+  EXPECT_NE(with("rope_theta: 10000.0", "rope_theta: 0.0").find("rope_theta"), std::string::npos);
+  EXPECT_NE(with("rope_scaling_type: ''", "rope_scaling_type: longrope").find("longrope"), std::string::npos);
 }

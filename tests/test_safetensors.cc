@@ -147,3 +147,9 @@ TEST(SafetensorsBad, IndexNamesTensorMissingFromShard) {
   write_file(tmp / "model.safetensors.index.json", R"({"weight_map":{"a":"s1.safetensors","zz":"s1.safetensors"}})");
   EXPECT_THROW(Checkpoint{tmp.path()}, Error);
 }
+
+TEST(SafetensorsBad, DeeplyNestedHeader) {
+  TempDir tmp;
+  write_raw(tmp / "n.safetensors", "{\"w\":" + std::string(5000, '[') + std::string(5000, ']') + "}", 0);
+  expect_error(tmp / "n.safetensors", {"n.safetensors", "nested deeper"});
+}
