@@ -8,6 +8,7 @@
 
 #include "bpe_model.h"
 #include "error.h"
+#include "json_limits.h"
 #include "pcre_regex.h"
 #include "utf8.h"
 
@@ -101,7 +102,7 @@ struct DecodeStep {
 
 class HfTokenizer final : public Tokenizer {
  public:
-  explicit HfTokenizer(const fs::path& file);
+  HfTokenizer(std::string_view text, const std::string& where);
   std::vector<int32_t> encode(std::string_view text, bool add_special) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
   int64_t vocab_size() const override { return vocab_size_; }
@@ -141,13 +142,8 @@ class HfTokenizer final : public Tokenizer {
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
 };
 
-HfTokenizer::HfTokenizer(const fs::path& file) : where_(file.string()) {
-  json j;
-  try {
-    j = json::parse(read_text_file(file, 1ull << 30));
-  } catch (const json::exception& e) {
-    fail("{}: not valid JSON: {}", where_, e.what());
-  }
+HfTokenizer::HfTokenizer(std::string_view text, const std::string& where) : where_(where) {
+  const json j = parse_json(text, 32, where_);
   if (!j.is_object() || !j.contains("model")) fail("{}: no 'model' section", where_);
   parse_model(j["model"]);
   if (auto it = j.find("added_tokens"); it != j.end() && !it->is_null()) {
@@ -604,7 +600,11 @@ std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const fs::path& tokenizer_json) {
-  return std::make_unique<HfTokenizer>(tokenizer_json);
+  return std::make_unique<HfTokenizer>(read_text_file(tokenizer_json, 256ull << 20), tokenizer_json.string());
+}
+
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view json_text, const std::string& where) {
+  return std::make_unique<HfTokenizer>(json_text, where);
 }
 
 }  // namespace tmkit

@@ -11,5 +11,7 @@
 namespace tmkit {
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const fs::path& tokenizer_json);
+// The same from the file's text; `where` names it in messages.
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view json_text, const std::string& where);
 
 }  // namespace tmkit

@@ -6,8 +6,6 @@
 
 namespace tmkit {
 
-std::unique_ptr<Tokenizer> load_sp_tokenizer(const fs::path& model);  // sp_tokenizer.cc
-
 std::unique_ptr<Tokenizer> load_tokenizer(const fs::path& path) {
   if (fs::is_regular_file(path)) {
     if (path.extension() == ".json") return load_hf_tokenizer(path);

@@ -29,6 +29,10 @@ class Tokenizer {
 // `path`: an HF model folder, a workspace, or a tokenizer.json / tokenizer.model file.
 std::unique_ptr<Tokenizer> load_tokenizer(const fs::path& path);
 
+// A tokenizer.model. BPE models with identity normalization encode through tmkit's BPE engine
+// unless `native` is false (then libsentencepiece encodes; tests compare the two).
+std::unique_ptr<Tokenizer> load_sp_tokenizer(const fs::path& model, bool native = true);
+
 // Replaces every invalid UTF-8 sequence by U+FFFD (maximal subparts, as Python does).
 std::string sanitize_utf8(std::string_view s, size_t* replaced = nullptr);
 

@@ -272,3 +272,35 @@ TEST(TmEvalBad, WorkspaceAndTokens) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("layers.2.attention.wo.0.weight: 100 bytes, expected 32768"), std::string::npos) << r.err;
 }
+
+TEST(TmEvalCli, TokenizeDetokenizeRoundTrip) {
+  TempDir tmp;
+  const fs::path text = test::shared_dir() / "data" / "calib.txt";
+  for (const char* model : {"tiny-llama", "small-llama"}) {
+    const auto r = test::run(test::tool("tm-eval") + " tokenize -q -m " + q(test::model_dir(model)) + " -f " + q(text) +
+                             " -o " + q(tmp / "ids.i32") + " --force");
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(test::slurp(tmp / "ids.i32"), test::slurp(test::reference_dir(model) / "calib.tokens.i32")) << model;
+    const auto d = test::run(test::tool("tm-eval") + " detokenize -m " + q(test::model_dir(model)) + " --tokens " +
+                             q(tmp / "ids.i32"));
+    ASSERT_EQ(d.code, 0) << d.err;
+    EXPECT_TRUE(d.out == test::slurp(text)) << model;
+  }
+  // .jsonl with --text-key: documents joined with a blank line.
+  std::ofstream(tmp / "d.jsonl") << "{\"body\": \"Hello\"}\n{\"body\": \"world\"}\n";
+  const auto j = test::run(test::tool("tm-eval") + " tokenize -q --text-key body -m " + q(test::model_dir("small-llama")) +
+                           " -f " + q(tmp / "d.jsonl") + " -o " + q(tmp / "j.i32"));
+  ASSERT_EQ(j.code, 0) << j.err;
+  std::ofstream(tmp / "plain.txt") << "Hello\n\nworld";
+  ASSERT_EQ(test::run(test::tool("tm-eval") + " tokenize -q -m " + q(test::model_dir("small-llama")) + " -f " +
+                      q(tmp / "plain.txt") + " -o " + q(tmp / "p.i32")).code, 0);
+  EXPECT_EQ(test::slurp(tmp / "j.i32"), test::slurp(tmp / "p.i32"));
+  // A missing key is named with its line.
+  std::ofstream(tmp / "bad.jsonl") << "{\"body\": \"x\"}\n{\"text\": \"y\"}\n";
+  const auto bad = test::run(test::tool("tm-eval") + " tokenize -q --text-key body -m " + q(test::model_dir("small-llama")) +
+                             " -f " + q(tmp / "bad.jsonl") + " -o " + q(tmp / "b.i32"));
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("bad.jsonl"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find("2"), std::string::npos) << bad.err;
+  EXPECT_FALSE(fs::exists(tmp / "b.i32"));
+}

@@ -108,6 +108,20 @@ INSTANTIATE_TEST_SUITE_P(Models, FullPerplexity, ::testing::Values("tiny-llama",
                            return n;
                          });
 
+// Issue 3: `tm-eval ppl -f eval.txt` tokenizes with the workspace's own tokenizer and prints the
+// same perplexity as the reference ids.
+TEST(TextInput, PerplexityFromTextEqualsFromTokens) {
+  const fs::path ws = workspace("tiny-llama", 1);
+  const std::string cmd = test::tool("tm-eval") + " ppl -q -c 256 -m " + test::q(ws);
+  const auto from_text = test::run(cmd + " -f " + test::q(test::shared_dir() / "data" / "eval.txt"));
+  const auto from_ids = test::run(cmd + " --tokens " + test::q(test::reference_dir("tiny-llama") / "eval.tokens.i32"));
+  ASSERT_EQ(from_text.code, 0) << from_text.err;
+  ASSERT_EQ(from_ids.code, 0) << from_ids.err;
+  auto ppl_line = [](const std::string& s) { return s.substr(0, s.find("scored tokens")); };  // seconds differ
+  EXPECT_EQ(ppl_line(from_text.out), ppl_line(from_ids.out));
+  EXPECT_NE(from_text.out.find("PPL = 54.55"), std::string::npos) << from_text.out;
+}
+
 // small-llama: the oracle's ppl over the first 16 chunks is the same whether the workspace was
 // split for tp 1 or tp 2 (merged ranks give bitwise-identical weights).
 TEST(SmallLlama, Tp2PerplexityEqualsTp1) {

@@ -87,6 +87,20 @@ TEST(Tokenizer, RoundTripsAllModels) {
   }
 }
 
+// tiny-llama's tokenizer.model encodes through tmkit's BPE engine; libsentencepiece is the judge.
+TEST(Tokenizer, NativeSentencePieceMatchesLibrary) {
+  const fs::path model = test::model_dir("tiny-llama") / "tokenizer.model";
+  const auto native = load_sp_tokenizer(model, true), lib = load_sp_tokenizer(model, false);
+  std::vector<std::string> cases = {"", " ", "  ", "a", " a", "a ", "a  b", "\n\n\n", "\t x \t", "   leading",
+                                    "tabs\tand\r\nCRLF", "digits 1234567890", "émoji 🦙🦙 and 中文字符 and Ωμέγα",
+                                    "\x01\x02 control", std::string("nul\0inside", 11), "ﬁ ligature ℃ ½",
+                                    "trailing spaces   ", "x\xef\xbf\xbdy", "a\u00a0b\u2003c"};
+  const std::string eval = shared_text("eval");
+  for (size_t off = 0; off + 4000 < eval.size(); off += 97'003) cases.push_back(eval.substr(off, 4000));
+  for (const auto& c : cases) EXPECT_EQ(native->encode(c), lib->encode(c)) << "'" << c << "'";
+  EXPECT_EQ(native->encode("Hello world", true), lib->encode("Hello world", true));
+}
+
 TEST(Tokenizer, SpecialTokensAndTemplates) {
   EXPECT_EQ(load_tokenizer(test::model_dir("small-llama"))->encode("Hello world", true),
             (std::vector<int32_t>{0, 41, 2370, 299, 3008}));  // BOS from the TemplateProcessing post-processor

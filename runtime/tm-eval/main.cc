@@ -16,6 +16,7 @@ using tmkit::fs::path;
 
 struct Options {
   std::string model, tokens, text, device = "cpu", output;
+  tmkit::DatasetOptions dataset;
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   int64_t n = 64, ctx = 512, chunks = 0;
   bool json = false, quiet = false, force = false, add_special = false;
@@ -27,6 +28,7 @@ void add_model_inputs(CLI::App* cmd, Options& o) {
   auto* text = cmd->add_option("-f,--file", o.text,
                                "text to tokenize with the workspace's tokenizer (a file, a folder of .txt, or .jsonl)");
   tokens->excludes(text);
+  cmd->add_option("--text-key", o.dataset.text_key, "the field holding the text in .jsonl input (default: text)");
   cmd->add_option("--device", o.device, "cpu (the Eigen oracle)")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("-t,--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
 }
@@ -40,7 +42,7 @@ std::vector<int32_t> input_tokens(const Options& o, int64_t vocab) {
   if (!o.tokens.empty()) return tmkit::read_tokens(o.tokens, vocab);
   if (o.text.empty()) tmkit::fail("give the input as --tokens <ids.i32> or -f <text>");
   const auto tok = tmkit::load_tokenizer(o.model);
-  auto ids = tmkit::dataset_tokens(o.text, *tok);
+  auto ids = tmkit::dataset_tokens(o.text, *tok, o.dataset);
   for (int32_t id : ids)
     if (id >= vocab) tmkit::fail("{}: the tokenizer produced id {}, outside the model's vocabulary [0, {})", o.model, id, vocab);
   return ids;
@@ -85,8 +87,8 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
 
 int run_tokenize(const Options& o) {
   const auto tok = tmkit::load_tokenizer(o.model);
-  const auto ids = o.add_special ? tok->encode(tmkit::join_documents(tmkit::load_documents(o.text)), true)
-                                 : tmkit::dataset_tokens(o.text, *tok);
+  const auto ids = o.add_special ? tok->encode(tmkit::join_documents(tmkit::load_documents(o.text, o.dataset)), true)
+                                 : tmkit::dataset_tokens(o.text, *tok, o.dataset);
   write_output(o.output, o.force, ids.data(), ids.size() * sizeof(int32_t));
   if (!o.quiet) fmt::print(stderr, "tm-eval: {} tokens ({}) written to {}\n", ids.size(), tok->kind(), o.output);
   return 0;
@@ -124,6 +126,7 @@ int main(int argc, char** argv) {
   tokenize->add_option("-m,--model", o.model, "HF model folder, workspace, or tokenizer.json / tokenizer.model")->required();
   tokenize->add_option("-f,--file", o.text, "text: a file, a folder of .txt files, or .jsonl (documents joined by a blank line)")->required();
   tokenize->add_option("-o,--output", o.output, "output .i32 file")->required();
+  tokenize->add_option("--text-key", o.dataset.text_key, "the field holding the text in .jsonl input (default: text)");
   tokenize->add_flag("--add-special", o.add_special, "apply the post-processor (e.g. prepend BOS)");
   tokenize->add_flag("--force", o.force, "replace an existing output");
   tokenize->add_flag("-q,--quiet", o.quiet, "no summary on stderr");
