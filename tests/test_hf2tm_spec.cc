@@ -3,6 +3,8 @@
 // own recipe (transpose to [in, out], rotary permute of q/k, per-rank [q|k|v] merge, splits).
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <functional>
 #include <set>
 
 #include "hf2tm.h"
@@ -181,5 +183,73 @@ TEST_F(TinyLlamaTp2, Layers) {
       expect_file(rank_file(L + "feed_forward.w3", r, "weight"), cols(w3, r * in, in));
       expect_file(rank_file(L + "feed_forward.w2", r, "weight"), rows(w2, r * in, in));
     }
+  }
+}
+
+// InternLM2 packs q/k/v into one `wqkv` ([KV*(G+2)*D, hid]: per kv head, its G query heads, then
+// its k head, then its v head) and renames the rest. tiny-llama repacked that way must convert
+// to byte-identical weight files.
+TEST_F(TinyLlamaTp2, InternLM2PackedWqkvAndMistralConvertLikeLlama) {
+  test::TempDir tmp;
+  const Checkpoint ck(test::model_dir("tiny-llama"));
+  const int64_t G = kH / kKV;
+  std::vector<TensorSpec> specs;
+  std::vector<std::function<void(uint8_t*)>> fills;
+  auto copy_of = [&](const std::string& from, const std::string& to) {
+    const TensorView v = ck.get(from);
+    specs.push_back({to, v.dtype(), v.info->shape});
+    fills.push_back([v](uint8_t* dst) { std::memcpy(dst, v.data, v.info->end - v.info->begin); });
+  };
+  copy_of("model.embed_tokens.weight", "model.tok_embeddings.weight");
+  copy_of("model.norm.weight", "model.norm.weight");
+  copy_of("lm_head.weight", "output.weight");
+  for (int64_t i = 0; i < kLayers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    const TensorView q = ck.get(p + "self_attn.q_proj.weight"), k = ck.get(p + "self_attn.k_proj.weight"),
+                     v = ck.get(p + "self_attn.v_proj.weight");
+    specs.push_back({p + "attention.wqkv.weight", DType::F32, {kKV * (G + 2) * kD, kHid}});
+    fills.push_back([=](uint8_t* dst) {
+      const size_t head_bytes = size_t(kD * kHid * 4);
+      for (int64_t h = 0; h < kKV; ++h) {
+        for (int64_t j = 0; j < G; ++j, dst += head_bytes) std::memcpy(dst, q.data + (h * G + j) * head_bytes, head_bytes);
+        std::memcpy(dst, k.data + h * head_bytes, head_bytes);
+        std::memcpy(dst + head_bytes, v.data + h * head_bytes, head_bytes);
+        dst += 2 * head_bytes;
+      }
+    });
+    copy_of(p + "self_attn.o_proj.weight", p + "attention.wo.weight");
+    copy_of(p + "mlp.gate_proj.weight", p + "feed_forward.w1.weight");
+    copy_of(p + "mlp.up_proj.weight", p + "feed_forward.w3.weight");
+    copy_of(p + "mlp.down_proj.weight", p + "feed_forward.w2.weight");
+    copy_of(p + "input_layernorm.weight", p + "attention_norm.weight");
+    copy_of(p + "post_attention_layernorm.weight", p + "ffn_norm.weight");
+  }
+  fs::create_directories(tmp / "internlm2");
+  write_checkpoint(tmp / "internlm2", specs, [&](size_t i, uint8_t* dst) { fills[i](dst); }, 1ull << 40);
+  std::string cfg = test::slurp(test::model_dir("tiny-llama") / "config.json");
+  cfg.replace(cfg.find("LlamaForCausalLM"), 16, "InternLM2ForCausalLM");
+  std::ofstream(tmp / "internlm2" / "config.json") << cfg;
+
+  std::string mistral = test::slurp(test::model_dir("tiny-llama") / "config.json");
+  mistral.replace(mistral.find("LlamaForCausalLM"), 16, "MistralForCausalLM");
+  fs::create_directories(tmp / "mistral");
+  fs::copy_file(test::model_dir("tiny-llama") / "model.safetensors", tmp / "mistral" / "model.safetensors");
+  std::ofstream(tmp / "mistral" / "config.json") << mistral;
+
+  for (const char* variant : {"internlm2", "mistral"}) {
+    Hf2TmOptions o;
+    o.src = tmp / variant;
+    o.dst = tmp / (std::string("ws-") + variant);
+    o.tp = kTp;
+    convert_hf_to_tm(o);
+    EXPECT_EQ(load_tm_config(o.dst).model_arch, std::string(variant) == "internlm2" ? "InternLM2ForCausalLM" : "MistralForCausalLM");
+    size_t compared = 0;
+    for (const auto& e : fs::directory_iterator(weights())) {
+      const std::string name = e.path().filename().string();
+      if (name == "config.yaml") continue;
+      EXPECT_EQ(test::slurp(e.path()), test::slurp(weights_dir(o.dst) / name)) << variant << " " << name;
+      ++compared;
+    }
+    EXPECT_EQ(compared, 2u * 2 + 1 + kLayers * (2 + kTp * 5)) << variant;
   }
 }
