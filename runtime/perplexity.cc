@@ -25,7 +25,13 @@ void nll_sums(const Mat& logits, const int32_t* targets, int64_t rows, double* s
   }
 }
 
-PplResult perplexity(const ForwardFn& forward, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
+ChunkScorer score_from_logits(ForwardFn forward) {
+  return [forward = std::move(forward)](const int32_t* tokens, int64_t T, double* sum, double* sum_sq) {
+    nll_sums(forward(tokens, T), tokens + 1, T - 1, sum, sum_sq);
+  };
+}
+
+PplResult perplexity(const ChunkScorer& score, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
                      int threads, const ChunkProgress& progress) {
   if (ctx < 2) fail("-c: context {} is too small (at least 2 tokens)", ctx);
   const int64_t available = int64_t(tokens.size()) / ctx;
@@ -43,8 +49,7 @@ PplResult perplexity(const ForwardFn& forward, const std::vector<int32_t>& token
     try {
       for (int64_t c; (c = next.fetch_add(1)) < n;) {
         const int32_t* chunk = tokens.data() + c * ctx;
-        const Mat logits = forward(chunk, ctx);
-        nll_sums(logits, chunk + 1, ctx - 1, &sums[size_t(c)], &sums_sq[size_t(c)]);
+        score(chunk, ctx, &sums[size_t(c)], &sums_sq[size_t(c)]);
         std::lock_guard<std::mutex> lock(mu);
         ++done;
         done_sum += sums[size_t(c)];

@@ -17,13 +17,16 @@ struct PplResult {
   double seconds = 0;
 };
 
-// Logits [T, V] of one sequence: the runtime under test (the CPU oracle, later CUDA).
+// Scores one chunk: the sum and sum of squares of -log p(tokens[t] | tokens[<t]), t = 1..T-1.
+using ChunkScorer = std::function<void(const int32_t* tokens, int64_t T, double* sum, double* sum_sq)>;
+// Logits [T, V] of one sequence, for runtimes that hand logits back (the CPU oracle).
 using ForwardFn = std::function<Mat(const int32_t* tokens, int64_t T)>;
+ChunkScorer score_from_logits(ForwardFn forward);
 using ChunkProgress = std::function<void(int64_t done, int64_t total, double running_ppl)>;
 
-// `max_chunks` <= 0: all chunks. `threads` workers evaluate chunks in parallel; the result does
-// not depend on the number of threads (per-chunk sums are added in chunk order).
-PplResult perplexity(const ForwardFn& forward, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
+// `max_chunks` <= 0: all chunks. `threads` workers score chunks in parallel (1 for a GPU); the
+// result does not depend on the number of threads (per-chunk sums are added in chunk order).
+PplResult perplexity(const ChunkScorer& score, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
                      int threads, const ChunkProgress& progress = {});
 
 // Sum of -log softmax(logits[t])[targets[t]] and of its square, over rows t, in double.

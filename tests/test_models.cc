@@ -130,8 +130,8 @@ TEST(SmallLlama, Tp2PerplexityEqualsTp1) {
   const CpuModel m1(load_workspace(workspace("small-llama", 1)));
   const CpuModel m2(load_workspace(workspace("small-llama", 2)));
   const auto ids = eval_tokens("small-llama", m1.config().vocab_size);
-  auto f1 = [&](const int32_t* t, int64_t T) { return m1.forward(t, T); };
-  auto f2 = [&](const int32_t* t, int64_t T) { return m2.forward(t, T); };
+  auto f1 = score_from_logits([&](const int32_t* t, int64_t T) { return m1.forward(t, T); });
+  auto f2 = score_from_logits([&](const int32_t* t, int64_t T) { return m2.forward(t, T); });
   const PplResult a = perplexity(f1, ids, ctx, 16, 2), b = perplexity(f2, ids, ctx, 16, 2);
   EXPECT_EQ(a.chunks, 16);
   EXPECT_EQ(a.tokens, 16 * (ctx - 1));
@@ -145,7 +145,7 @@ TEST(Perplexity, ProtocolOnAKnownDistribution) {
   const int64_t V = 37;
   std::vector<int32_t> ids(1000);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t(i % V);
-  auto uniform = [&](const int32_t*, int64_t T) { return Mat(Mat::Zero(T, V)); };
+  auto uniform = score_from_logits([&](const int32_t*, int64_t T) { return Mat(Mat::Zero(T, V)); });
   const PplResult r = perplexity(uniform, ids, 100, 0, 2);
   EXPECT_EQ(r.chunks, 10);
   EXPECT_EQ(r.tokens, 990);

@@ -6,6 +6,7 @@
 #include "cpu_forward.h"
 #include "dataset.h"
 #include "error.h"
+#include "gpu_model.h"
 #include "perplexity.h"
 #include "progress.h"
 #include "tokenizer.h"
@@ -15,7 +16,7 @@ namespace {
 using tmkit::fs::path;
 
 struct Options {
-  std::string model, tokens, text, device = "cpu", output;
+  std::string model, tokens, text, device = "auto", output;
   tmkit::DatasetOptions dataset;
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   int64_t n = 64, ctx = 512, chunks = 0;
@@ -29,14 +30,33 @@ void add_model_inputs(CLI::App* cmd, Options& o) {
                                "text to tokenize with the workspace's tokenizer (a file, a folder of .txt, or .jsonl)");
   tokens->excludes(text);
   cmd->add_option("--text-key", o.dataset.text_key, "the field holding the text in .jsonl input (default: text)");
-  cmd->add_option("--device", o.device, "cpu (the Eigen oracle)")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--device", o.device, "auto (cuda when a GPU is present), cuda, or cpu (the Eigen oracle)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("-t,--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
 }
 
-tmkit::CpuModel load_model(const Options& o) {
-  if (o.device != "cpu") tmkit::fail("--device {}: this build has only the CPU runtime", o.device);
-  return tmkit::CpuModel(tmkit::load_workspace(o.model));
-}
+// The runtime under test: the GPU when asked for (or, with auto, present), else the CPU oracle.
+struct Runtime {
+  std::string device;
+  std::unique_ptr<tmkit::CpuModel> cpu;
+  std::unique_ptr<tmkit::GpuModel> gpu;
+  int threads = 1;
+
+  explicit Runtime(const Options& o) {
+    tmkit::ModelWeights w = tmkit::load_workspace(o.model);
+    device = o.device == "auto" ? (tmkit::GpuModel::available() ? "cuda" : "cpu") : o.device;
+    if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w);
+    else cpu = std::make_unique<tmkit::CpuModel>(std::move(w));
+    threads = gpu ? 1 : o.threads;
+  }
+  const tmkit::TmConfig& config() const { return gpu ? gpu->config() : cpu->config(); }
+  tmkit::Mat forward(const int32_t* t, int64_t T) const { return gpu ? gpu->forward(t, T) : cpu->forward(t, T); }
+  tmkit::ChunkScorer scorer() const {
+    if (gpu) return [this](const int32_t* t, int64_t T, double* s, double* s2) { gpu->nll_sums(t, T, s, s2); };
+    return tmkit::score_from_logits([this](const int32_t* t, int64_t T) { return cpu->forward(t, T); });
+  }
+  std::string name() const { return gpu ? "cuda (" + gpu->device_name() + ")" : "cpu"; }
+};
 
 std::vector<int32_t> input_tokens(const Options& o, int64_t vocab) {
   if (!o.tokens.empty()) return tmkit::read_tokens(o.tokens, vocab);
@@ -55,7 +75,7 @@ void write_output(const std::string& out, bool force, const void* data, size_t n
 }
 
 int run_logits(const Options& o) {
-  const tmkit::CpuModel model = load_model(o);
+  const Runtime model(o);
   const auto ids = input_tokens(o, model.config().vocab_size);
   if (int64_t(ids.size()) < o.n) tmkit::fail("{} tokens, fewer than -n {}", ids.size(), o.n);
   const tmkit::Mat l = model.forward(ids.data(), o.n);
@@ -65,15 +85,14 @@ int run_logits(const Options& o) {
 }
 
 int run_ppl(const Options& o, tmkit::Progress& progress) {
-  const tmkit::CpuModel model = load_model(o);
+  const Runtime model(o);
   const auto ids = input_tokens(o, model.config().vocab_size);
-  auto forward = [&](const int32_t* t, int64_t T) { return model.forward(t, T); };
-  const auto r = tmkit::perplexity(forward, ids, o.ctx, o.chunks, o.threads, [&](int64_t d, int64_t n, double p) {
+  const auto r = tmkit::perplexity(model.scorer(), ids, o.ctx, o.chunks, model.threads, [&](int64_t d, int64_t n, double p) {
     progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
   });
   progress.finish();
   if (o.json) {
-    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", o.device},
+    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()},
                         {"ctx", o.ctx}, {"ppl", r.ppl}, {"ppl_error", r.ppl_error}, {"mean_nll", r.mean_nll},
                         {"chunks", r.chunks}, {"tokens", r.tokens}, {"seconds", r.seconds},
                         {"tokens_per_second", r.seconds > 0 ? double(r.chunks * o.ctx) / r.seconds : 0.0}};

@@ -1,0 +1,110 @@
+// Causal GQA attention of one sequence, flash-attention style (online softmax; the [T, T]
+// score matrix never exists in memory).
+//
+// Grid (ceil(T / BQ), H): one block per tile of BQ = 16 query rows of one head; 4 warps, each
+// owning ROWS = 4 of those rows. Shared memory per block (D = 128: 40 KB):
+//   q_s [BQ][D]      the tile's queries, pre-multiplied by the softmax scale
+//   k_s [BK][D + 1]  BK = 32 keys of the head's kv head; +1 so that lane j reading key j's
+//                    channel d hits bank (j + d) % 32: no conflicts
+//   v_s [BK][D]      the same keys' values; lane l reads channels l, l + 32, ...: no conflicts
+// For each key tile and each of its rows, a warp computes 32 scores (lane j: key k0 + j),
+// folds them into the running max m, sum l and the accumulator (lane l owns output channels
+// l + 32 i), then rescales once per tile. Keys after the query (causal) or past T score -inf.
+// Inputs: the fp32 qkv buffer [T, (H + 2 KV) D] after bias and RoPE; output [T, H D] in T.
+#include "block_reduce.cuh"
+#include "kernels.h"
+
+namespace tmkit::cuda {
+
+namespace {
+
+constexpr int kBQ = 16, kBK = 32, kWarps = 4, kRows = kBQ / kWarps;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* qkv, int T_, int H, int KV,
+                                                                       float scale, T* out) {
+  constexpr int DL = D / 32;  // output channels per lane
+  __shared__ float q_s[kBQ][D];
+  __shared__ float k_s[kBK][D + 1];
+  __shared__ float v_s[kBK][D];
+  const int h = blockIdx.y, kvh = h / (H / KV), q0 = blockIdx.x * kBQ;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const size_t width = size_t(H + 2 * KV) * D;
+  const size_t q_off = size_t(h) * D, k_off = size_t(H + kvh) * D, v_off = size_t(H + KV + kvh) * D;
+
+  for (int idx = threadIdx.x; idx < kBQ * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    q_s[r][d] = q0 + r < T_ ? qkv[size_t(q0 + r) * width + q_off + d] * scale : 0.0f;
+  }
+  float m[kRows], l[kRows], acc[kRows][DL];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DL; ++i) acc[r][i] = 0.0f;
+  }
+
+  const int key_end = min(T_, q0 + kBQ);  // causal: no row of this tile sees keys past its last row
+  for (int k0 = 0; k0 < key_end; k0 += kBK) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int idx = threadIdx.x; idx < kBK * D; idx += blockDim.x) {
+      const int j = idx / D, d = idx % D, key = k0 + j;
+      const bool valid = key < T_;
+      k_s[j][d] = valid ? qkv[size_t(key) * width + k_off + d] : 0.0f;
+      v_s[j][d] = valid ? qkv[size_t(key) * width + v_off + d] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = warp * kRows + r, qi = q0 + row;
+      if (qi >= T_ || k0 > qi) continue;  // uniform across the warp
+      const int key = k0 + lane;
+      float s = -INFINITY;
+      if (key <= qi) {
+        s = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < D; ++d) s += q_s[row][d] * k_s[lane][d];
+      }
+      const float m_new = fmaxf(m[r], warp_max(s));  // finite: key k0 <= qi is always valid
+      const float p = key <= qi ? expf(s - m_new) : 0.0f;
+      const float corr = expf(m[r] - m_new);
+      l[r] = l[r] * corr + warp_sum(p);
+#pragma unroll
+      for (int i = 0; i < DL; ++i) acc[r][i] *= corr;
+      for (int j = 0; j < kBK; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+        for (int i = 0; i < DL; ++i) acc[r][i] += pj * v_s[j][lane + 32 * i];
+      }
+      m[r] = m_new;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int qi = q0 + warp * kRows + r;
+    if (qi >= T_) continue;
+    T* o = out + size_t(qi) * H * D + size_t(h) * D;
+#pragma unroll
+    for (int i = 0; i < DL; ++i) o[lane + 32 * i] = from_float<T>(acc[r][i] / l[r]);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+  const dim3 grid((T_ + kBQ - 1) / kBQ, H);
+  switch (D) {
+    case 32: attention_prefill_kernel<T, 32><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
+    case 64: attention_prefill_kernel<T, 64><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
+    case 128: attention_prefill_kernel<T, 128><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
+    default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
+  }
+  TMKIT_CUDA_LAUNCHED();
+}
+
+template void attention_prefill<__half>(const float*, int, int, int, int, float, __half*, cudaStream_t);
+template void attention_prefill<__nv_bfloat16>(const float*, int, int, int, int, float, __nv_bfloat16*, cudaStream_t);
+
+}  // namespace tmkit::cuda

@@ -1,0 +1,48 @@
+// q/k/v bias and rotary embedding on the fp32 qkv buffer, in place. Layout of one token's row:
+//   [ q: H heads x D | k: KV heads x D | v: KV heads x D ]
+// TurboMind stores q/k channels as interleaved pairs (2j, 2j+1) (hf2tm permutes HF's halves),
+// so pair j of a head is rotated by angle = position * inv_freq[j]. One block per token, one
+// thread per channel pair.
+#include "kernels.h"
+
+namespace tmkit::cuda {
+
+template <typename T>
+__global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int H, int KV,
+                                 int D, int rot) {
+  const int width = (H + 2 * KV) * D;
+  float* row = qkv + size_t(blockIdx.x) * width;
+  const float pos = float(blockIdx.x);
+  for (int p = threadIdx.x; p < width / 2; p += blockDim.x) {
+    const int c = 2 * p;
+    float a = row[c], b = row[c + 1];
+    if (bias) {
+      a += to_float(bias[c]);
+      b += to_float(bias[c + 1]);
+    }
+    const int j = (c % D) / 2;
+    if (c < (H + KV) * D && 2 * j < rot) {  // q and k heads only; v is not rotated
+      float sn, cs;
+      sincosf(pos * inv_freq[j], &sn, &cs);
+      sn *= rope_scale;
+      cs *= rope_scale;
+      const float a0 = a;
+      a = a0 * cs - b * sn;
+      b = a0 * sn + b * cs;
+    }
+    row[c] = a;
+    row[c + 1] = b;
+  }
+}
+
+template <typename T>
+void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D, int rot,
+               cudaStream_t s) {
+  bias_rope_kernel<<<T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, cudaStream_t);
+template void bias_rope<__nv_bfloat16>(float*, const __nv_bfloat16*, const float*, float, int, int, int, int, int, cudaStream_t);
+
+}  // namespace tmkit::cuda

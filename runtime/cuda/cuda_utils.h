@@ -1,0 +1,71 @@
+// CUDA plumbing shared by the kernels and the GPU model: checked calls, device buffers, and the
+// element types (the workspace's fp16 or bf16) the kernels are instantiated for.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "error.h"
+
+#define TMKIT_CUDA_CHECK(expr)                                                                            \
+  do {                                                                                                     \
+    cudaError_t err_ = (expr);                                                                             \
+    if (err_ != cudaSuccess) ::tmkit::fail("CUDA error at {}:{}: {}", __FILE__, __LINE__, cudaGetErrorString(err_)); \
+  } while (0)
+
+#define TMKIT_CUBLAS_CHECK(expr)                                                                          \
+  do {                                                                                                     \
+    cublasStatus_t st_ = (expr);                                                                           \
+    if (st_ != CUBLAS_STATUS_SUCCESS) ::tmkit::fail("cuBLAS error {} at {}:{}", int(st_), __FILE__, __LINE__); \
+  } while (0)
+
+// After every launch: a bad configuration shows here, a fault at the next synchronization.
+#define TMKIT_CUDA_LAUNCHED() TMKIT_CUDA_CHECK(cudaGetLastError())
+
+namespace tmkit::cuda {
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) { resize(n); }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_) { o.ptr_ = nullptr; o.n_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void resize(size_t n) {  // contents are not kept
+    if (n <= n_) return;
+    cudaFree(ptr_);
+    ptr_ = nullptr;
+    n_ = 0;
+    TMKIT_CUDA_CHECK(cudaMalloc(&ptr_, n * sizeof(T)));
+    n_ = n;
+  }
+  T* get() const { return ptr_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t n_ = 0;
+};
+
+template <typename T> struct TypeOf;
+template <> struct TypeOf<__half> { static constexpr cudaDataType_t value = CUDA_R_16F; };
+template <> struct TypeOf<__nv_bfloat16> { static constexpr cudaDataType_t value = CUDA_R_16BF; };
+
+__host__ __device__ inline float to_float(__half x) { return __half2float(x); }
+__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __host__ __device__ inline T from_float(float x);
+template <> __host__ __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+}  // namespace tmkit::cuda

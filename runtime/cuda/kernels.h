@@ -1,0 +1,38 @@
+// Launchers of tmkit's CUDA kernels (one kernel per .cu file beside this header). T is the
+// workspace's element type, __half or __nv_bfloat16. Activations between kernels are row-major
+// [tokens, features]; the residual stream and GEMM outputs are fp32 (see gpu_model.cu for why).
+#pragma once
+#include <cstdint>
+
+#include "cuda_utils.h"
+
+namespace tmkit::cuda {
+
+// x[t, :] = float(table[ids[t], :]) for t < T.
+template <typename T>
+void embedding(const int32_t* ids, int T_, const T* table, int hidden, float* x, cudaStream_t s);
+
+// x += delta (+ bias) when delta is given; then y = x / rms(x) * w (in T). One row per block.
+template <typename T>
+void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float eps, int T_, int hidden, T* y,
+                 cudaStream_t s);
+
+// qkv [T, (H + 2KV) * D] in fp32: adds the bias (if any) to q, k and v, then rotates the first
+// `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by position * inv_freq[j].
+template <typename T>
+void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D,
+               int rot, cudaStream_t s);
+
+// out[t, c] = silu(gu[t, c]) * gu[t, I + c] for gu = [gate | up] of width 2I.
+template <typename T>
+void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
+
+// Causal GQA attention of one sequence from the fp32 qkv buffer (after bias and RoPE) into
+// out [T, H * D]; never materializes the [T, T] scores (online softmax over key tiles).
+template <typename T>
+void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+
+// nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
+void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);
+
+}  // namespace tmkit::cuda

@@ -1,0 +1,199 @@
+// GpuModel with CUDA. Precision plan: the residual stream and every GEMM output are fp32;
+// GEMM inputs (normed activations, attention output, SiLU(gate)*up) are in the workspace's
+// type, fp16 or bf16. That keeps bf16 workspaces within the oracle's tolerance while the
+// weights, the bulk of the bytes, stay in their stored type.
+#include "gpu_model.h"
+
+#include <vector>
+
+#include "cuda/cuda_utils.h"
+#include "cuda/kernels.h"
+#include "rope.h"
+
+namespace tmkit {
+
+namespace {
+
+using cuda::DeviceBuffer;
+
+// Host fp32 -> device T (the values came from T files, so the conversion is exact).
+template <typename T>
+DeviceBuffer<T> upload(const float* src, size_t n) {
+  std::vector<uint16_t> bits(n);
+  for (size_t i = 0; i < n; ++i)
+    bits[i] = std::is_same_v<T, __half> ? float_to_half(src[i]) : float_to_bf16(src[i]);
+  DeviceBuffer<T> d(n);
+  TMKIT_CUDA_CHECK(cudaMemcpy(d.get(), bits.data(), n * 2, cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <typename T>
+DeviceBuffer<T> upload(const Mat& m) { return upload<T>(m.data(), size_t(m.size())); }
+template <typename T>
+DeviceBuffer<T> upload(const Vec& v) { return upload<T>(v.data(), size_t(v.size())); }
+
+// Columns of several row-major matrices with the same rows, side by side.
+Mat hcat(std::initializer_list<const Mat*> parts) {
+  Eigen::Index cols = 0;
+  for (const Mat* p : parts) cols += p->cols();
+  Mat out((*parts.begin())->rows(), cols);
+  Eigen::Index c = 0;
+  for (const Mat* p : parts) {
+    out.middleCols(c, p->cols()) = *p;
+    c += p->cols();
+  }
+  return out;
+}
+
+}  // namespace
+
+struct GpuModel::Impl {
+  virtual ~Impl() = default;
+  TmConfig cfg;
+  std::string name;
+  virtual void run(const int32_t* tokens, int64_t T) = 0;  // leaves logits on the device
+  virtual const float* logits() const = 0;
+  virtual const int32_t* ids() const = 0;
+  DeviceBuffer<float> nll;
+};
+
+namespace {
+
+template <typename T>
+struct ImplT final : GpuModel::Impl {
+  struct Layer {
+    DeviceBuffer<T> attn_norm, ffn_norm, wqkv, bqkv, wo, bo, w13, w2;
+  };
+  std::vector<Layer> layers;
+  DeviceBuffer<T> embed, output, norm;
+  cublasHandle_t blas = nullptr;
+  // Activations, grown to the longest sequence seen.
+  DeviceBuffer<int32_t> ids_d;
+  DeviceBuffer<float> x, qkv, delta, gu, logits_d, inv_freq;
+  DeviceBuffer<T> h, attn, act;
+
+  explicit ImplT(const ModelWeights& w) {
+    cfg = w.cfg;
+    embed = upload<T>(w.embed);
+    output = upload<T>(w.output);
+    norm = upload<T>(w.norm);
+    for (const LayerWeights& lw : w.layers) {
+      Layer l;
+      l.attn_norm = upload<T>(lw.attn_norm);
+      l.ffn_norm = upload<T>(lw.ffn_norm);
+      l.wqkv = upload<T>(hcat({&lw.wq, &lw.wk, &lw.wv}));
+      if (lw.bq.size()) {
+        Vec b(lw.bq.size() + lw.bk.size() + lw.bv.size());
+        b << lw.bq, lw.bk, lw.bv;
+        l.bqkv = upload<T>(b);
+      }
+      l.wo = upload<T>(lw.wo);
+      if (lw.bo.size()) l.bo = upload<T>(lw.bo);
+      l.w13 = upload<T>(hcat({&lw.w1, &lw.w3}));
+      l.w2 = upload<T>(lw.w2);
+      layers.push_back(std::move(l));
+    }
+    TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
+  }
+  ~ImplT() override {
+    if (blas) cublasDestroy(blas);
+  }
+
+  // Y[M, N] (fp32) = X[M, K] * W[K, N], all row-major (cuBLAS sees the transposes, column-major).
+  void gemm(const T* X, const T* W, float* Y, int M, int K, int N, bool w_transposed = false) {
+    const float one = 1.0f, zero = 0.0f;
+    constexpr cudaDataType_t t = cuda::TypeOf<T>::value;
+    TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, W, t,
+                                    w_transposed ? K : N, X, t, K, &zero, Y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+  }
+
+  void run(const int32_t* tokens, int64_t T64) override {
+    const int T_ = int(T64), hid = int(cfg.hidden_units), H = int(cfg.head_num), KV = int(cfg.kv_head_num);
+    const int D = int(cfg.size_per_head), V = int(cfg.vocab_size), qkv_w = (H + 2 * KV) * D;
+    int inter = 0;
+    for (int64_t i : cfg.inter_size) inter = std::max(inter, int(i));
+    ids_d.resize(size_t(T_));
+    x.resize(size_t(T_) * hid);
+    delta.resize(size_t(T_) * hid);
+    qkv.resize(size_t(T_) * qkv_w);
+    gu.resize(size_t(T_) * 2 * inter);
+    logits_d.resize(size_t(T_) * V);
+    nll.resize(size_t(T_));
+    h.resize(size_t(T_) * hid);
+    attn.resize(size_t(T_) * H * D);
+    act.resize(size_t(T_) * inter);
+    for (int t = 0; t < T_; ++t)
+      if (tokens[t] < 0 || tokens[t] >= V) fail("token id {} at position {} is outside the vocabulary [0, {})", tokens[t], t, V);
+    TMKIT_CUDA_CHECK(cudaMemcpy(ids_d.get(), tokens, size_t(T_) * 4, cudaMemcpyHostToDevice));
+    const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, T64);
+    inv_freq.resize(rt.inv_freq.size());
+    TMKIT_CUDA_CHECK(cudaMemcpy(inv_freq.get(), rt.inv_freq.data(), rt.inv_freq.size() * 4, cudaMemcpyHostToDevice));
+    const float eps = float(cfg.norm_eps);
+    const float scale = cfg.softmax_scale > 0 ? float(cfg.softmax_scale) : 1.0f / std::sqrt(float(D));
+    const cudaStream_t s = nullptr;
+
+    cuda::embedding<T>(ids_d.get(), T_, embed.get(), hid, x.get(), s);
+    for (size_t li = 0; li < layers.size(); ++li) {
+      Layer& l = layers[li];
+      const int I = int(cfg.inter_size[li]);
+      cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, T_, hid, h.get(), s);
+      gemm(h.get(), l.wqkv.get(), qkv.get(), T_, hid, qkv_w);
+      cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rt.attention_scaling, T_, H,
+                         KV, D, int(cfg.rotary_embedding), s);
+      cuda::attention_prefill<T>(qkv.get(), T_, H, KV, D, scale, attn.get(), s);
+      gemm(attn.get(), l.wo.get(), delta.get(), T_, H * D, hid);
+      cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, T_, hid,
+                           h.get(), s);
+      gemm(h.get(), l.w13.get(), gu.get(), T_, hid, 2 * I);
+      cuda::silu_mul<T>(gu.get(), T_, I, act.get(), s);
+      gemm(act.get(), l.w2.get(), delta.get(), T_, I, hid);
+    }
+    cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, T_, hid, h.get(), s);
+    gemm(h.get(), output.get(), logits_d.get(), T_, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
+  }
+  const float* logits() const override { return logits_d.get(); }
+  const int32_t* ids() const override { return ids_d.get(); }
+};
+
+}  // namespace
+
+bool GpuModel::available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+GpuModel::GpuModel(const ModelWeights& w) {
+  if (!available()) fail("--device cuda: no CUDA device is available");
+  if (w.cfg.weight_dtype() == DType::BF16) impl_ = std::make_unique<ImplT<__nv_bfloat16>>(w);
+  else impl_ = std::make_unique<ImplT<__half>>(w);
+  cudaDeviceProp prop{};
+  TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  impl_->name = prop.name;
+}
+
+GpuModel::~GpuModel() = default;
+const TmConfig& GpuModel::config() const { return impl_->cfg; }
+std::string GpuModel::device_name() const { return impl_->name; }
+
+Mat GpuModel::forward(const int32_t* tokens, int64_t T) {
+  impl_->run(tokens, T);
+  Mat logits(T, impl_->cfg.vocab_size);
+  TMKIT_CUDA_CHECK(cudaMemcpy(logits.data(), impl_->logits(), size_t(logits.size()) * 4, cudaMemcpyDeviceToHost));
+  return logits;
+}
+
+void GpuModel::nll_sums(const int32_t* tokens, int64_t T, double* sum, double* sum_sq) {
+  impl_->run(tokens, T);
+  const int V = int(impl_->cfg.vocab_size);
+  cuda::nll_rows(impl_->logits(), V, V, impl_->ids() + 1, int(T - 1), impl_->nll.get(), nullptr);
+  std::vector<float> nll(size_t(T - 1));
+  TMKIT_CUDA_CHECK(cudaMemcpy(nll.data(), impl_->nll.get(), nll.size() * 4, cudaMemcpyDeviceToHost));
+  *sum = *sum_sq = 0.0;
+  for (float v : nll) {
+    *sum += v;
+    *sum_sq += double(v) * v;
+  }
+}
+
+}  // namespace tmkit

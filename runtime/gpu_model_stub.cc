@@ -1,0 +1,17 @@
+// GpuModel in a build without CUDA.
+#include "error.h"
+#include "gpu_model.h"
+
+namespace tmkit {
+
+struct GpuModel::Impl {};
+
+bool GpuModel::available() { return false; }
+GpuModel::GpuModel(const ModelWeights&) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
+GpuModel::~GpuModel() = default;
+const TmConfig& GpuModel::config() const { fail("no CUDA"); }
+std::string GpuModel::device_name() const { return ""; }
+Mat GpuModel::forward(const int32_t*, int64_t) { fail("no CUDA"); }
+void GpuModel::nll_sums(const int32_t*, int64_t, double*, double*) { fail("no CUDA"); }
+
+}  // namespace tmkit
