@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cuda_runtime.h>
+
 #include "cpu_forward.h"
 #include "gpu_model.h"
 #include "hf2tm.h"
@@ -76,3 +78,24 @@ INSTANTIATE_TEST_SUITE_P(Models, Gpu, ::testing::Values("tiny-llama", "tiny-qwen
   std::replace(n.begin(), n.end(), '-', '_');
   return n;
 });
+
+// Attention at ctx 4096 keeps no [T, T] matrix: device memory grows by far less than one fp32
+// [H, T, T] score tensor (512 MiB for small-llama), and the output is finite.
+TEST(GpuMemory, Ctx4096WithoutScoreMatrix) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  const ModelWeights w = load_workspace(workspace("small-llama"));
+  GpuModel gpu(w);
+  const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
+  size_t free_before = 0, free_after = 0, total = 0;
+  gpu.forward(ids.data(), 16);  // handles and first buffers
+  ASSERT_EQ(cudaMemGetInfo(&free_before, &total), cudaSuccess);
+  const int64_t T = 4096;
+  const Mat logits = gpu.forward(ids.data(), T);
+  ASSERT_EQ(cudaMemGetInfo(&free_after, &total), cudaSuccess);
+  const double grown = double(free_before) - double(free_after);
+  const double scores = double(w.cfg.head_num) * T * T * 4;
+  std::printf("ctx %lld: device memory grew %.1f MiB; one [H, T, T] fp32 score tensor would be %.1f MiB\n", (long long)T,
+              grown / (1 << 20), scores / (1 << 20));
+  EXPECT_LT(grown, 0.5 * scores);
+  EXPECT_TRUE(logits.allFinite());
+}
