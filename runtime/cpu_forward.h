@@ -3,19 +3,21 @@
 #pragma once
 #include <cstdint>
 
+#include "kv_quant.h"
 #include "model_weights.h"
 
 namespace tmkit {
 
 class CpuModel {
  public:
-  explicit CpuModel(ModelWeights w) : w_(std::move(w)) {}
+  explicit CpuModel(ModelWeights w, KvMode kv = KvMode::kFp16) : w_(std::move(w)), kv_(kv) {}
   const TmConfig& config() const { return w_.cfg; }
   // Logits [T, vocab_size] (padding rows of the LM head dropped). Thread-safe.
   Mat forward(const int32_t* tokens, int64_t T) const;
 
  private:
   ModelWeights w_;
+  KvMode kv_;
 };
 
 }  // namespace tmkit

@@ -48,12 +48,60 @@ Mat hcat(std::initializer_list<const Mat*> parts) {
   return out;
 }
 
+// An int4 linear on the device, and its product with fp16 activations (fp32 out).
+struct W4Linear {
+  DeviceBuffer<int32_t> q;
+  DeviceBuffer<__half> s, z;
+  int K = 0, N = 0, group = 0;
+
+  explicit W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), group(int(w.group)) {
+    q.resize(w.qweight.size());
+    s.resize(w.scales.size());
+    z.resize(w.zeros.size());
+    TMKIT_CUDA_CHECK(cudaMemcpy(q.get(), w.qweight.data(), w.qweight.size() * 4, cudaMemcpyHostToDevice));
+    TMKIT_CUDA_CHECK(cudaMemcpy(s.get(), w.scales.data(), w.scales.size() * 2, cudaMemcpyHostToDevice));
+    TMKIT_CUDA_CHECK(cudaMemcpy(z.get(), w.zeros.data(), w.zeros.size() * 2, cudaMemcpyHostToDevice));
+  }
+
+  // `partial` and `dense` are scratch, grown as needed.
+  void run(cublasHandle_t blas, const __half* x, int M, float* y, DeviceBuffer<float>& partial,
+           DeviceBuffer<__half>& dense) const {
+    if (M <= 16) {
+      partial.resize(size_t(K / 128) * M * N);
+      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, nullptr);
+      return;
+    }
+    dense.resize(size_t(K) * N);
+    cuda::w4_dequant(q.get(), s.get(), z.get(), K, N, group, dense.get(), nullptr);
+    const float one = 1.0f, zero = 0.0f;
+    TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
+                                    K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+};
+
 }  // namespace
+
+std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M) {
+  if (int64_t(x.size()) != M * w.K) fail("gpu_w4a16_matmul: x has {} values, expected {}", x.size(), M * w.K);
+  const W4Linear d(w);
+  DeviceBuffer<__half> xd(x.size()), dense;
+  DeviceBuffer<float> y(size_t(M) * w.N), partial;
+  TMKIT_CUDA_CHECK(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  cublasHandle_t blas = nullptr;
+  TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
+  d.run(blas, xd.get(), M, y.get(), partial, dense);
+  std::vector<float> out(size_t(M) * w.N);
+  const cudaError_t err = cudaMemcpy(out.data(), y.get(), out.size() * 4, cudaMemcpyDeviceToHost);
+  cublasDestroy(blas);
+  TMKIT_CUDA_CHECK(err);
+  return out;
+}
 
 struct GpuModel::Impl {
   virtual ~Impl() = default;
   TmConfig cfg;
   std::string name;
+  KvMode kv = KvMode::kFp16;
   virtual void run(const int32_t* tokens, int64_t T) = 0;  // leaves logits on the device
   virtual const float* logits() const = 0;
   virtual const int32_t* ids() const = 0;
@@ -66,6 +114,7 @@ template <typename T>
 struct ImplT final : GpuModel::Impl {
   struct Layer {
     DeviceBuffer<T> attn_norm, ffn_norm, wqkv, bqkv, wo, bo, w13, w2;
+    std::unique_ptr<W4Linear> qkv4, wo4, w13_4, w2_4;  // int4 workspaces: these instead of the dense ones
   };
   std::vector<Layer> layers;
   DeviceBuffer<T> embed, output, norm;
@@ -84,16 +133,23 @@ struct ImplT final : GpuModel::Impl {
       Layer l;
       l.attn_norm = upload<T>(lw.attn_norm);
       l.ffn_norm = upload<T>(lw.ffn_norm);
-      l.wqkv = upload<T>(hcat({&lw.wq, &lw.wk, &lw.wv}));
+      if (lw.qkv4) {
+        l.qkv4 = std::make_unique<W4Linear>(*lw.qkv4);
+        l.wo4 = std::make_unique<W4Linear>(*lw.wo4);
+        l.w13_4 = std::make_unique<W4Linear>(*lw.w13_4);
+        l.w2_4 = std::make_unique<W4Linear>(*lw.w2_4);
+      } else {
+        l.wqkv = upload<T>(hcat({&lw.wq, &lw.wk, &lw.wv}));
+        l.wo = upload<T>(lw.wo);
+        l.w13 = upload<T>(hcat({&lw.w1, &lw.w3}));
+        l.w2 = upload<T>(lw.w2);
+      }
       if (lw.bq.size()) {
         Vec b(lw.bq.size() + lw.bk.size() + lw.bv.size());
         b << lw.bq, lw.bk, lw.bv;
         l.bqkv = upload<T>(b);
       }
-      l.wo = upload<T>(lw.wo);
       if (lw.bo.size()) l.bo = upload<T>(lw.bo);
-      l.w13 = upload<T>(hcat({&lw.w1, &lw.w3}));
-      l.w2 = upload<T>(lw.w2);
       layers.push_back(std::move(l));
     }
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
@@ -109,6 +165,15 @@ struct ImplT final : GpuModel::Impl {
     TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, W, t,
                                     w_transposed ? K : N, X, t, K, &zero, Y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
+  }
+
+  // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
+  DeviceBuffer<float> w4_partial;
+  DeviceBuffer<__half> w4_dense;
+  void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, float* Y, int M, int K, int N) {
+    if (!W4) return gemm(X, W.get(), Y, M, K, N);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_partial, w4_dense);
+    else fail("int4 workspaces run with fp16 activations");
   }
 
   void run(const int32_t* tokens, int64_t T64) override {
@@ -141,16 +206,17 @@ struct ImplT final : GpuModel::Impl {
       Layer& l = layers[li];
       const int I = int(cfg.inter_size[li]);
       cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, T_, hid, h.get(), s);
-      gemm(h.get(), l.wqkv.get(), qkv.get(), T_, hid, qkv_w);
+      linear(h.get(), l.wqkv, l.qkv4, qkv.get(), T_, hid, qkv_w);
       cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rt.attention_scaling, T_, H,
                          KV, D, int(cfg.rotary_embedding), s);
+      if (kv != KvMode::kFp16) cuda::kv_fake_quant(qkv.get(), T_, H, KV, D, int(kv), s);
       cuda::attention_prefill<T>(qkv.get(), T_, H, KV, D, scale, attn.get(), s);
-      gemm(attn.get(), l.wo.get(), delta.get(), T_, H * D, hid);
+      linear(attn.get(), l.wo, l.wo4, delta.get(), T_, H * D, hid);
       cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, T_, hid,
                            h.get(), s);
-      gemm(h.get(), l.w13.get(), gu.get(), T_, hid, 2 * I);
+      linear(h.get(), l.w13, l.w13_4, gu.get(), T_, hid, 2 * I);
       cuda::silu_mul<T>(gu.get(), T_, I, act.get(), s);
-      gemm(act.get(), l.w2.get(), delta.get(), T_, I, hid);
+      linear(act.get(), l.w2, l.w2_4, delta.get(), T_, I, hid);
     }
     cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, T_, hid, h.get(), s);
     gemm(h.get(), output.get(), logits_d.get(), T_, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
@@ -175,11 +241,12 @@ bool fits_fp16(const ModelWeights& w) {
 }
 }  // namespace
 
-GpuModel::GpuModel(const ModelWeights& w) {
+GpuModel::GpuModel(const ModelWeights& w, KvMode kv) {
   if (!available()) fail("--device cuda: no CUDA device is available");
-  const bool fp16 = w.cfg.weight_dtype() == DType::F16 || fits_fp16(w);
+  const bool fp16 = w.cfg.weight_dtype() == DType::F16 || fits_fp16(w);  // int4 workspaces are F16
   if (fp16) impl_ = std::make_unique<ImplT<__half>>(w);
   else impl_ = std::make_unique<ImplT<__nv_bfloat16>>(w);
+  impl_->kv = kv;
   cudaDeviceProp prop{};
   TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   impl_->name = std::string(prop.name) + (fp16 ? ", fp16" : ", bf16");

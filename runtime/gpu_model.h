@@ -5,14 +5,19 @@
 #include <memory>
 #include <string>
 
+#include "kv_quant.h"
 #include "model_weights.h"
 
 namespace tmkit {
 
+// The W4A16 product the GPU model uses, on its own: y[M, N] = x[M, K] (fp16 bits) * w. M <= 16 runs
+// the int4 GEMV kernel, longer inputs dequantize to fp16 and use cuBLAS. For tests and benchmarks.
+std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M);
+
 class GpuModel {
  public:
   static bool available();  // this build has CUDA and a device is present
-  explicit GpuModel(const ModelWeights& w);
+  explicit GpuModel(const ModelWeights& w, KvMode kv = KvMode::kFp16);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;

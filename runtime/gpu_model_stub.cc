@@ -7,7 +7,8 @@ namespace tmkit {
 struct GpuModel::Impl {};
 
 bool GpuModel::available() { return false; }
-GpuModel::GpuModel(const ModelWeights&) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
+std::vector<float> gpu_w4a16_matmul(const Int4Linear&, const std::vector<uint16_t>&, int) { fail("no CUDA"); }
+GpuModel::GpuModel(const ModelWeights&, KvMode) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
 GpuModel::~GpuModel() = default;
 const TmConfig& GpuModel::config() const { fail("no CUDA"); }
 std::string GpuModel::device_name() const { return ""; }

@@ -1,6 +1,9 @@
 #include "model_weights.h"
 
+#include <cstring>
+
 #include "error.h"
+#include "int4.h"
 
 namespace tmkit {
 
@@ -29,6 +32,37 @@ class WeightReader {
   }
   bool has(const std::string& name) const { return fs::exists(dir_ / name); }
 
+  // A linear [K, N] of rank file `base` ("layers.0.attention.wo.1."): `.weight`, or the int4
+  // `.qweight/.scales/.zeros` of an int4 workspace, dequantized.
+  Mat linear(const std::string& base, int64_t K, int64_t N, int64_t group, std::vector<Int4Linear>* packed = nullptr) const {
+    if (group == 0) return read(base + "weight", K, N);
+    if (K % group || N % 8) fail("{}: [{}, {}] does not fit int4 groups of {}", (dir_ / base).string(), K, N, group);
+    Int4Linear q;
+    q.K = K;
+    q.N = N;
+    q.group = group;
+    q.qweight = read_raw<int32_t>(base + "qweight", uint64_t(K * N / 8));
+    q.scales = read_raw<uint16_t>(base + "scales", uint64_t(K / group * N));
+    q.zeros = read_raw<uint16_t>(base + "zeros", uint64_t(K / group * N));
+    const std::vector<float> w = dequantize(q);
+    if (packed) packed->push_back(std::move(q));
+    return Eigen::Map<const Mat>(w.data(), K, N);
+  }
+
+ private:
+  template <typename E>
+  std::vector<E> read_raw(const std::string& name, uint64_t count) const {
+    const fs::path p = dir_ / name;
+    if (!fs::exists(p)) fail("{}: missing tensor file", p.string());
+    MappedFile f(p);
+    if (f.size() != count * sizeof(E)) fail("{}: {} bytes, expected {}", p.string(), f.size(), count * sizeof(E));
+    std::vector<E> v(count);
+    std::memcpy(v.data(), f.data(), f.size());
+    return v;
+  }
+
+ public:
+
  private:
   fs::path dir_;
   DType type_;
@@ -40,7 +74,9 @@ ModelWeights load_workspace(const fs::path& ws) {
   ModelWeights w;
   w.cfg = load_tm_config(ws);
   const TmConfig& c = w.cfg;
-  if (c.weight_type == "int4") fail("{}: int4 workspaces are not supported by the CPU oracle yet", ws.string());
+  // int4 workspaces: every decoder linear is dequantized (spec §6.2); side tensors are fp16.
+  const int64_t group = c.weight_type == "int4" ? c.group_size : 0;
+  if (c.weight_type == "int4" && c.group_size <= 0) fail("{}: int4 workspace without a group_size", ws.string());
   const WeightReader rd(ws, c);
   const int64_t tp = c.tp, hid = c.hidden_units, H = c.head_num, KV = c.kv_head_num, D = c.size_per_head;
   const int64_t Vp = c.vocab_padded(), Hr = H / tp, KVr = KV / tp;
@@ -72,8 +108,10 @@ ModelWeights load_workspace(const fs::path& ws) {
       l.bv.resize(KV * D);
     }
     const int64_t qkv_cols = (Hr + 2 * KVr) * D;
+    std::vector<Int4Linear> qkv4, wo4, w1_4, w3_4, w2_4;  // per rank, int4 workspaces only
+    const bool int4 = group > 0;
     for (int64_t r = 0; r < tp; ++r) {  // rank file r holds [q_r | k_r | v_r]
-      Mat qkv = rd.read(rank_file(L + "attention.w_qkv", r, "weight"), hid, qkv_cols);
+      Mat qkv = rd.linear(rank_file(L + "attention.w_qkv", r, ""), hid, qkv_cols, group, &qkv4);
       l.wq.middleCols(r * Hr * D, Hr * D) = qkv.leftCols(Hr * D);
       l.wk.middleCols(r * KVr * D, KVr * D) = qkv.middleCols(Hr * D, KVr * D);
       l.wv.middleCols(r * KVr * D, KVr * D) = qkv.rightCols(KVr * D);
@@ -83,7 +121,7 @@ ModelWeights load_workspace(const fs::path& ws) {
         l.bk.segment(r * KVr * D, KVr * D) = b.segment(Hr * D, KVr * D);
         l.bv.segment(r * KVr * D, KVr * D) = b.tail(KVr * D);
       }
-      l.wo.middleRows(r * Hr * D, Hr * D) = rd.read(rank_file(L + "attention.wo", r, "weight"), Hr * D, hid);
+      l.wo.middleRows(r * Hr * D, Hr * D) = rd.linear(rank_file(L + "attention.wo", r, ""), Hr * D, hid, group, &wo4);
       // The wo bias is replicated: every rank has the same one, or none has any.
       const std::string bo = rank_file(L + "attention.wo", r, "bias");
       if (rd.has(bo) != rd.has(rank_file(L + "attention.wo", 0, "bias")))
@@ -93,9 +131,28 @@ ModelWeights load_workspace(const fs::path& ws) {
         if (r == 0) l.bo = b;
         else if (b != l.bo) fail("{}: the replicated wo bias differs between rank 0 and rank {}", bo, r);
       }
-      l.w1.middleCols(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w1", r, "weight"), hid, Ir);
-      l.w3.middleCols(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w3", r, "weight"), hid, Ir);
-      l.w2.middleRows(r * Ir, Ir) = rd.read(rank_file(L + "feed_forward.w2", r, "weight"), Ir, hid);
+      l.w1.middleCols(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w1", r, ""), hid, Ir, group, &w1_4);
+      l.w3.middleCols(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w3", r, ""), hid, Ir, group, &w3_4);
+      l.w2.middleRows(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w2", r, ""), Ir, hid, group, &w2_4);
+    }
+    if (int4) {
+      std::vector<Int4Columns> qkv_parts, w13_parts;
+      for (int64_t part = 0; part < 3; ++part)  // all ranks' q, then all k, then all v
+        for (int64_t r = 0; r < tp; ++r) {
+          const int64_t begin = part == 0 ? 0 : part == 1 ? Hr * D : (Hr + KVr) * D;
+          qkv_parts.push_back({&qkv4[size_t(r)], begin, part == 0 ? Hr * D : KVr * D});
+        }
+      for (const auto* w : {&w1_4, &w3_4})
+        for (int64_t r = 0; r < tp; ++r) w13_parts.push_back({&(*w)[size_t(r)], 0, Ir});
+      std::vector<const Int4Linear*> wo_parts, w2_parts;
+      for (int64_t r = 0; r < tp; ++r) {
+        wo_parts.push_back(&wo4[size_t(r)]);
+        w2_parts.push_back(&w2_4[size_t(r)]);
+      }
+      l.qkv4 = concat_columns(qkv_parts);
+      l.w13_4 = concat_columns(w13_parts);
+      l.wo4 = concat_rows(wo_parts);
+      l.w2_4 = concat_rows(w2_parts);
     }
     w.layers.push_back(std::move(l));
   }

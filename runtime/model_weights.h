@@ -3,8 +3,10 @@
 // rotary pairs, vocab and inter_size padding kept as the zero rows/columns they are).
 #pragma once
 #include <Eigen/Core>
+#include <optional>
 #include <vector>
 
+#include "int4.h"
 #include "turbomind.h"
 
 namespace tmkit {
@@ -20,6 +22,9 @@ struct LayerWeights {
   Vec bo;          // empty unless present
   Mat w1, w3;      // [hid, I_pad]
   Mat w2;          // [I_pad, hid]
+  // int4 workspaces only: the packed weights, ranks merged, fused as the GPU runs them:
+  // qkv4 = [q | k | v] [hid, (H + 2 KV) D], wo4, w13_4 = [w1 | w3] [hid, 2 I_pad], w2_4.
+  std::optional<Int4Linear> qkv4, wo4, w13_4, w2_4;
 };
 
 struct ModelWeights {

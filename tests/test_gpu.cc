@@ -10,6 +10,7 @@
 #include "gpu_model.h"
 #include "hf2tm.h"
 #include "perplexity.h"
+#include "rtn.h"
 #include "test_util.h"
 
 using namespace tmkit;
@@ -98,4 +99,83 @@ TEST(GpuMemory, Ctx4096WithoutScoreMatrix) {
               grown / (1 << 20), scores / (1 << 20));
   EXPECT_LT(grown, 0.5 * scores);
   EXPECT_TRUE(logits.allFinite());
+}
+
+// W4A16 against the dequantized product in double, on random inputs, for decode and prefill sizes.
+TEST(GpuW4A16, MatchesDequantizedProduct) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  uint64_t seed = 12345;
+  auto uniform = [&] {  // splitmix64 -> [-1, 1)
+    uint64_t z = (seed += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return float(double((z ^ (z >> 31)) >> 11) * 0x1.0p-53 * 2 - 1);
+  };
+  for (auto [K, N] : {std::pair{512, 1024}, std::pair{1536, 512}, std::pair{4096, 4096}}) {
+    std::vector<float> w(size_t(K) * N);
+    for (float& v : w) v = 0.05f * uniform();
+    const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
+    const std::vector<float> dq = dequantize(q);
+    for (int M : {1, 16, 128, 2048}) {
+      std::vector<uint16_t> x(size_t(M) * K);
+      for (auto& v : x) v = float_to_half(uniform());
+      const std::vector<float> y = gpu_w4a16_matmul(q, x, M);
+      double num = 0, den = 0;
+      for (int m = 0; m < M; m += std::max(1, M / 64))  // a sample of rows keeps the reference cheap
+        for (int n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int k = 0; k < K; ++k) ref += double(half_to_float(x[size_t(m) * K + k])) * dq[size_t(k) * N + n];
+          num += (y[size_t(m) * N + n] - ref) * (y[size_t(m) * N + n] - ref);
+          den += ref * ref;
+        }
+      const double rel = std::sqrt(num / den);
+      std::printf("W4A16 K=%d N=%d M=%d: rel-L2 %.3g\n", K, N, M, rel);
+      EXPECT_LE(rel, 1e-3) << K << "x" << N << " M=" << M;
+    }
+  }
+}
+
+// small-llama RTN w4g128: GPU (W4A16) ppl equals the CPU oracle's on the same int4 workspace
+// within 0.1%, and the reference's ppl_rtn_w4g128_fp16 within 0.3%.
+TEST(GpuInt4, RtnPerplexityMatchesOracleAndReference) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  test::TempDir tmp;
+  quantize_workspace_rtn(workspace("small-llama"), tmp / "int4", 128, false);
+  const json ref = json::parse(test::slurp(test::reference_dir("small-llama") / "reference.json"));
+  const ModelWeights w = load_workspace(tmp / "int4");
+  GpuModel gpu(w);
+  const CpuModel cpu(w);
+  const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
+  const int64_t ctx = ref["eval_ctx"];
+  const PplResult g = perplexity([&](const int32_t* t, int64_t T, double* s, double* s2) { gpu.nll_sums(t, T, s, s2); },
+                                 ids, ctx, 0, 1);
+  const PplResult c = perplexity(score_from_logits([&](const int32_t* t, int64_t T) { return cpu.forward(t, T); }), ids,
+                                 ctx, 0, 16);
+  const double want = ref["ppl_rtn_w4g128_fp16"];
+  std::printf("small-llama RTN w4g128: GPU ppl %.4f, CPU oracle %.4f (%+.4f%%), reference %.4f (%+.4f%%)\n", g.ppl, c.ppl,
+              100 * (g.ppl / c.ppl - 1), want, 100 * (g.ppl / want - 1));
+  EXPECT_LE(std::abs(g.ppl / c.ppl - 1), 1e-3);
+  EXPECT_LE(std::abs(g.ppl / want - 1), 3e-3);
+}
+
+// KV cache int8 within 0.1% of full-precision KV on small-llama; int4 reported; the GPU's KV
+// quantization equals the oracle's.
+TEST(GpuKv, QuantizedCachePerplexity) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  const ModelWeights w = load_workspace(workspace("small-llama"));
+  const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
+  double ppl[3] = {};
+  const KvMode modes[3] = {KvMode::kFp16, KvMode::kInt8, KvMode::kInt4};
+  for (int i = 0; i < 3; ++i) {
+    GpuModel gpu(w, modes[i]);
+    ppl[i] = perplexity([&](const int32_t* t, int64_t T, double* s, double* s2) { gpu.nll_sums(t, T, s, s2); }, ids, 512, 0, 1).ppl;
+  }
+  std::printf("small-llama KV cache: fp16 %.4f, int8 %.4f (%+.4f%%), int4 %.4f (%+.4f%%)\n", ppl[0], ppl[1],
+              100 * (ppl[1] / ppl[0] - 1), ppl[2], 100 * (ppl[2] / ppl[0] - 1));
+  EXPECT_LE(std::abs(ppl[1] / ppl[0] - 1), 1e-3);
+  EXPECT_LE(std::abs(ppl[2] / ppl[0] - 1), 0.05);
+  GpuModel gpu4(w, KvMode::kInt4);
+  const CpuModel cpu4(w, KvMode::kInt4);
+  const Mat g = gpu4.forward(ids.data(), 300), c = cpu4.forward(ids.data(), 300);
+  EXPECT_LE(test::rel_l2(as_vector(g), as_vector(c)), 2e-3);
 }

@@ -8,6 +8,7 @@
 
 #include "cpu_forward.h"
 #include "hf2tm.h"
+#include "rtn.h"
 #include "perplexity.h"
 #include "error.h"
 #include "test_util.h"
@@ -152,4 +153,49 @@ TEST(Perplexity, ProtocolOnAKnownDistribution) {
   EXPECT_NEAR(r.ppl, double(V), 1e-9);
   EXPECT_NEAR(r.ppl_error, 0.0, 1e-6);  // every NLL is log(V): zero spread up to rounding
   EXPECT_THROW(perplexity(uniform, ids, 2000, 0, 1), Error);
+}
+
+// RTN W4 g128 int4 workspaces (all decoder linears), scored by the CPU oracle, against the
+// reference's ppl_rtn_w4g128_fp16 (PyTorch, fp16) within 0.3%.
+class RtnPerplexity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RtnPerplexity, MatchesReference) {
+  const std::string model = GetParam();
+  const json ref = reference(model);
+  test::TempDir tmp;
+  const RtnReport rep = quantize_workspace_rtn(workspace(model, 1), tmp / "int4", 128, false);
+  EXPECT_EQ(rep.linears, 5 * load_tm_config(tmp / "int4").num_layer);
+  EXPECT_EQ(load_tm_config(tmp / "int4").weight_type, "int4");
+  const CpuModel m(load_workspace(tmp / "int4"));
+  const auto ids = eval_tokens(model, m.config().vocab_size);
+  const PplResult r = perplexity(score_from_logits([&](const int32_t* t, int64_t T) { return m.forward(t, T); }), ids,
+                                 ref["eval_ctx"].get<int64_t>(), 0, 2);
+  const double want = ref["ppl_rtn_w4g128_fp16"];
+  EXPECT_LE(std::abs(r.ppl / want - 1.0), 3e-3) << model << ": RTN ppl " << r.ppl << " vs reference " << want;
+  RecordProperty("ppl", std::to_string(r.ppl));
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, RtnPerplexity, ::testing::Values("tiny-llama", "tiny-qwen2"), [](const auto& info) {
+  std::string n = info.param;
+  std::replace(n.begin(), n.end(), '-', '_');
+  return n;
+});
+
+TEST(Int4, PackingRoundTripAndGuards) {
+  // Codes land at bits 4j of word w for column 8w + j; dequantization is (q - zero) * scale.
+  std::vector<float> w(128 * 16);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = float(int(i * 7919 % 257) - 128) / 100.0f;
+  const Int4Linear q = quantize_rtn(w.data(), 128, 16, 128);
+  const std::vector<float> back = dequantize(q);
+  for (int64_t n = 0; n < 16; ++n) {
+    const float scale = half_to_float(q.scales[size_t(n)]);
+    for (int64_t k = 0; k < 128; ++k) EXPECT_LE(std::abs(back[size_t(k * 16 + n)] - w[size_t(k * 16 + n)]), 0.51f * scale + 1e-3f);
+  }
+  EXPECT_EQ(int4_code(q, 5, 9), (uint32_t(q.qweight[5 * 2 + 1]) >> 4) & 0xf);
+  // A constant positive group collapses as the reference's does: q = 15, zero = 0, w ~ +1e-5.
+  std::vector<float> c(128 * 8, 0.5f);
+  const Int4Linear qc = quantize_rtn(c.data(), 128, 8, 128);
+  EXPECT_EQ(int4_code(qc, 0, 0), 15);
+  EXPECT_EQ(half_to_float(qc.zeros[0]), 0.0f);
+  EXPECT_THROW(quantize_rtn(c.data(), 100, 8, 128), Error);
 }

@@ -23,6 +23,9 @@ template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D,
                int rot, cudaStream_t s);
 
+// K and V heads of qkv quantized to `bits` and back, per token and kv head (../kv_quant.h).
+void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s);
+
 // out[t, c] = silu(gu[t, c]) * gu[t, I + c] for gu = [gate | up] of width 2I.
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
@@ -31,6 +34,14 @@ void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
 // out [T, H * D]; never materializes the [T, T] scores (online softmax over key tiles).
 template <typename T>
 void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+
+// W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros); `partial` holds
+// K/128 * M * N floats. K % 128 == 0, N % 8 == 0.
+void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
+                int group, float* partial, float* y, cudaStream_t s);
+// Dequantizes an int4 linear into fp16 w[K, N] (for the dense GEMM of long inputs).
+void w4_dequant(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group, __half* w,
+                cudaStream_t s);
 
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);

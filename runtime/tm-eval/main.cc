@@ -21,6 +21,7 @@ struct Options {
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   int64_t n = 64, ctx = 512, chunks = 0;
   bool json = false, quiet = false, force = false, add_special = false;
+  std::string kv = "fp16";
 };
 
 void add_model_inputs(CLI::App* cmd, Options& o) {
@@ -33,6 +34,8 @@ void add_model_inputs(CLI::App* cmd, Options& o) {
   cmd->add_option("--device", o.device, "auto (cuda when a GPU is present), cuda, or cpu (the Eigen oracle)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("-t,--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  cmd->add_option("--kv", o.kv, "KV cache: fp16 (full precision), int8 or int4 (TurboMind's online per-token, per-head quantization)")
+      ->check(CLI::IsMember({"fp16", "int8", "int4"}));
 }
 
 // The runtime under test: the GPU when asked for (or, with auto, present), else the CPU oracle.
@@ -44,9 +47,11 @@ struct Runtime {
 
   explicit Runtime(const Options& o) {
     tmkit::ModelWeights w = tmkit::load_workspace(o.model);
+    tmkit::KvMode kv = tmkit::KvMode::kFp16;
+    tmkit::parse_kv_mode(o.kv, &kv);
     device = o.device == "auto" ? (tmkit::GpuModel::available() ? "cuda" : "cpu") : o.device;
-    if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w);
-    else cpu = std::make_unique<tmkit::CpuModel>(std::move(w));
+    if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w, kv);
+    else cpu = std::make_unique<tmkit::CpuModel>(std::move(w), kv);
     threads = gpu ? 1 : o.threads;
   }
   const tmkit::TmConfig& config() const { return gpu ? gpu->config() : cpu->config(); }
@@ -92,7 +97,7 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
   });
   progress.finish();
   if (o.json) {
-    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()},
+    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()}, {"kv", o.kv},
                         {"ctx", o.ctx}, {"ppl", r.ppl}, {"ppl_error", r.ppl_error}, {"mean_nll", r.mean_nll},
                         {"chunks", r.chunks}, {"tokens", r.tokens}, {"seconds", r.seconds},
                         {"tokens_per_second", r.seconds > 0 ? double(r.chunks * o.ctx) / r.seconds : 0.0}};

@@ -1,0 +1,42 @@
+// KV-cache quantize-dequantize in place on the fp32 qkv buffer (see ../kv_quant.h for the
+// scheme). One warp per (token, kv head, K or V); lane l holds channels l, l + 32, ... (D <= 128).
+#include "block_reduce.cuh"
+#include "kernels.h"
+
+namespace tmkit::cuda {
+
+__global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bits) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (warp >= T_ * KV * 2) return;  // uniform per warp
+  const int t = warp / (2 * KV), rest = warp % (2 * KV);  // rest: k heads then v heads
+  float* x = qkv + size_t(t) * (H + 2 * KV) * D + size_t(H) * D + size_t(rest) * D;
+  float v[4];
+  float lo = INFINITY, hi = -INFINITY;
+  for (int i = 0; i < 4; ++i) {
+    const int c = lane + 32 * i;
+    v[i] = c < D ? x[c] : 0.0f;
+    if (c < D) {
+      lo = fminf(lo, v[i]);
+      hi = fmaxf(hi, v[i]);
+    }
+  }
+  lo = -warp_max(-lo);
+  hi = warp_max(hi);
+  const float qmax = float((1 << bits) - 1);
+  const float scale = __half2float(__float2half_rn((hi - lo) / qmax)), zero = __half2float(__float2half_rn(lo));
+  for (int i = 0; i < 4; ++i) {
+    const int c = lane + 32 * i;
+    if (c >= D) continue;
+    const float q = scale > 0 ? fminf(fmaxf(rintf((v[i] - zero) / scale), 0.0f), qmax) : 0.0f;
+    x[c] = q * scale + zero;
+  }
+}
+
+void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s) {
+  if (D > 128) fail("KV quantization: head_dim {} > 128 is not supported on the GPU", D);
+  const int warps = T_ * KV * 2;
+  kv_quant_kernel<<<(warps * 32 + 255) / 256, 256, 0, s>>>(qkv, T_, H, KV, D, bits);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+}  // namespace tmkit::cuda
