@@ -97,6 +97,13 @@ std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint1
   return out;
 }
 
+void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits) {
+  DeviceBuffer<float> d(qkv.size());
+  TMKIT_CUDA_CHECK(cudaMemcpy(d.get(), qkv.data(), qkv.size() * 4, cudaMemcpyHostToDevice));
+  cuda::kv_fake_quant(d.get(), T, H, KV, D, bits, nullptr);
+  TMKIT_CUDA_CHECK(cudaMemcpy(qkv.data(), d.get(), qkv.size() * 4, cudaMemcpyDeviceToHost));
+}
+
 struct GpuModel::Impl {
   virtual ~Impl() = default;
   TmConfig cfg;

@@ -14,6 +14,9 @@ namespace tmkit {
 // the int4 GEMV kernel, longer inputs dequantize to fp16 and use cuBLAS. For tests and benchmarks.
 std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M);
 
+// The GPU's KV quantize-dequantize on its own, on a host qkv buffer [T, (H + 2 KV) D]. For tests.
+void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits);
+
 class GpuModel {
  public:
   static bool available();  // this build has CUDA and a device is present

@@ -7,6 +7,7 @@ namespace tmkit {
 struct GpuModel::Impl {};
 
 bool GpuModel::available() { return false; }
+void gpu_kv_fake_quant(std::vector<float>&, int, int, int, int, int) { fail("no CUDA"); }
 std::vector<float> gpu_w4a16_matmul(const Int4Linear&, const std::vector<uint16_t>&, int) { fail("no CUDA"); }
 GpuModel::GpuModel(const ModelWeights&, KvMode) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
 GpuModel::~GpuModel() = default;

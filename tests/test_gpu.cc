@@ -158,8 +158,9 @@ TEST(GpuInt4, RtnPerplexityMatchesOracleAndReference) {
   EXPECT_LE(std::abs(g.ppl / want - 1), 3e-3);
 }
 
-// KV cache int8 within 0.1% of full-precision KV on small-llama; int4 reported; the GPU's KV
-// quantization equals the oracle's.
+// KV cache int8 within 0.1% of full-precision KV on small-llama; int4 reported. (Logits under int4
+// KV are not compared across runtimes: fp16-level differences in K flip 4-bit codes at their
+// boundaries, so the kernel itself is checked bit for bit instead, below.)
 TEST(GpuKv, QuantizedCachePerplexity) {
   if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
   const ModelWeights w = load_workspace(workspace("small-llama"));
@@ -170,12 +171,29 @@ TEST(GpuKv, QuantizedCachePerplexity) {
     GpuModel gpu(w, modes[i]);
     ppl[i] = perplexity([&](const int32_t* t, int64_t T, double* s, double* s2) { gpu.nll_sums(t, T, s, s2); }, ids, 512, 0, 1).ppl;
   }
-  std::printf("small-llama KV cache: fp16 %.4f, int8 %.4f (%+.4f%%), int4 %.4f (%+.4f%%)\n", ppl[0], ppl[1],
+  std::printf("small-llama KV cache: fp16 ppl %.4f, int8 %.4f (%+.4f%%), int4 %.4f (%+.4f%%)\n", ppl[0], ppl[1],
               100 * (ppl[1] / ppl[0] - 1), ppl[2], 100 * (ppl[2] / ppl[0] - 1));
   EXPECT_LE(std::abs(ppl[1] / ppl[0] - 1), 1e-3);
   EXPECT_LE(std::abs(ppl[2] / ppl[0] - 1), 0.05);
-  GpuModel gpu4(w, KvMode::kInt4);
-  const CpuModel cpu4(w, KvMode::kInt4);
-  const Mat g = gpu4.forward(ids.data(), 300), c = cpu4.forward(ids.data(), 300);
-  EXPECT_LE(test::rel_l2(as_vector(g), as_vector(c)), 2e-3);
+}
+
+TEST(GpuKv, KernelEqualsOracleBitForBit) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  for (int D : {32, 64, 128}) {
+    const int T = 37, H = 8, KV = 2, width = (H + 2 * KV) * D;
+    std::vector<float> qkv(size_t(T) * width);
+    uint32_t state = 2463534242u;
+    for (float& v : qkv) {
+      state ^= state << 13, state ^= state >> 17, state ^= state << 5;
+      v = float(int(state % 20001) - 10000) / 997.0f;
+    }
+    for (int bits : {8, 4}) {
+      std::vector<float> gpu = qkv, cpu = qkv;
+      gpu_kv_fake_quant(gpu, T, H, KV, D, bits);
+      for (int t = 0; t < T; ++t)
+        for (int h = 0; h < 2 * KV; ++h) kv_fake_quant(cpu.data() + size_t(t) * width + size_t(H + h) * D, D, bits);
+      EXPECT_TRUE(gpu == cpu) << "D=" << D << " bits=" << bits;
+      EXPECT_TRUE(std::equal(gpu.begin(), gpu.begin() + H * D, qkv.begin())) << "q must be untouched";
+    }
+  }
 }

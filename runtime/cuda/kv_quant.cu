@@ -23,12 +23,13 @@ __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bi
   lo = -warp_max(-lo);
   hi = warp_max(hi);
   const float qmax = float((1 << bits) - 1);
-  const float scale = __half2float(__float2half_rn((hi - lo) / qmax)), zero = __half2float(__float2half_rn(lo));
+  const float scale = __half2float(__float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), qmax))), zero = __half2float(__float2half_rn(lo));
   for (int i = 0; i < 4; ++i) {
     const int c = lane + 32 * i;
     if (c >= D) continue;
-    const float q = scale > 0 ? fminf(fmaxf(rintf((v[i] - zero) / scale), 0.0f), qmax) : 0.0f;
-    x[c] = q * scale + zero;
+    // Explicit roundings (no FMA contraction) so that this equals the CPU's kv_fake_quant bit for bit.
+    const float q = scale > 0 ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(v[i], zero), scale)), 0.0f), qmax) : 0.0f;
+    x[c] = __fadd_rn(__fmul_rn(q, scale), zero);
   }
 }
 
