@@ -1,0 +1,127 @@
+// bench-kernels: W4A16 against the bandwidth ceiling and cuBLAS fp16, measured in one run.
+//   ceiling  a device-to-device copy (bytes read + written per second)
+//   W4A16    tmkit's int4 product (GEMV kernel for M <= 16, dequant + cuBLAS beyond)
+//   cuBLAS   the same product with dense fp16 weights
+// Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
+// events; median of the repetitions. See README.md beside this file.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <vector>
+
+#include "cuda/cuda_utils.h"
+#include "cuda/kernels.h"
+#include "error.h"
+
+using tmkit::cuda::DeviceBuffer;
+
+namespace {
+
+template <typename F>
+double median_ms(int reps, F&& f) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) f(i);  // warm-up
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a);
+    f(i);
+    cudaEventRecord(b);
+    TMKIT_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+template <typename T>
+void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: they hide bugs and run fast
+  std::vector<T> h(n);
+  uint32_t s = seed * 2654435761u + 1;
+  for (auto& v : h) {
+    s ^= s << 13, s ^= s >> 17, s ^= s << 5;
+    if constexpr (std::is_same_v<T, __half>) v = __float2half(float(int(s % 2001) - 1000) / 20000.0f);
+    else v = T(s);
+  }
+  buf.resize(n);
+  TMKIT_CUDA_CHECK(cudaMemcpy(buf.get(), h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int reps = 50;
+  std::vector<int> ms = {1, 16, 128};
+  CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
+  app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
+  app.add_option("-m,--batch", ms, "rows of the activation matrix");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    cudaDeviceProp prop{};
+    TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    const size_t l2 = size_t(prop.l2CacheSize);
+
+    // Ceiling: a 2 GiB device-to-device copy.
+    const size_t copy_bytes = size_t(1) << 31;
+    DeviceBuffer<char> src(copy_bytes), dst(copy_bytes);
+    TMKIT_CUDA_CHECK(cudaMemset(src.get(), 1, copy_bytes));
+    const double copy_ms = median_ms(10, [&](int) { cudaMemcpyAsync(dst.get(), src.get(), copy_bytes, cudaMemcpyDeviceToDevice); });
+    const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;
+
+    cublasHandle_t blas;
+    TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
+    std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
+    std::printf("| K x N | M | W4A16 us | W4A16 GB/s | %% of copy | cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|\n");
+    const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
+    for (auto [K, N] : shapes) {
+      const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
+      const int copies = int(std::max<size_t>(2, 3 * l2 / w4_bytes + 1)), dense_copies = int(std::max<size_t>(2, 3 * l2 / dense_bytes + 1));
+      std::vector<DeviceBuffer<int32_t>> qw(static_cast<size_t>(copies));
+      std::vector<DeviceBuffer<__half>> sc(static_cast<size_t>(copies)), zr(static_cast<size_t>(copies)),
+          dense(static_cast<size_t>(dense_copies));
+      for (int c = 0; c < copies; ++c) {
+        fill_random(qw[size_t(c)], size_t(K) * N / 8, uint32_t(c + 1));
+        fill_random(sc[size_t(c)], size_t(K / 128) * N, uint32_t(c + 7));
+        fill_random(zr[size_t(c)], size_t(K / 128) * N, uint32_t(c + 9));
+      }
+      for (int c = 0; c < dense_copies; ++c) fill_random(dense[size_t(c)], size_t(K) * N, uint32_t(c + 3));
+      for (int M : ms) {
+        DeviceBuffer<__half> x, scratch(size_t(K) * N);
+        fill_random(x, size_t(M) * K, 5);
+        DeviceBuffer<float> y(size_t(M) * N), partial(size_t(K / 128) * std::max(M, 1) * N);
+        const float one = 1.0f, zero = 0.0f;
+        const double w4_ms = median_ms(reps, [&](int i) {
+          const size_t c = size_t(i % copies);
+          if (M <= 16) {
+            tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), y.get(), nullptr);
+          } else {
+            tmkit::cuda::w4_dequant(qw[c].get(), sc[c].get(), zr[c].get(), K, N, 128, scratch.get(), nullptr);
+            cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F, K,
+                         &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          }
+        });
+        const double blas_ms = median_ms(reps, [&](int i) {
+          cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[size_t(i % dense_copies)].get(), CUDA_R_16F, N,
+                       x.get(), CUDA_R_16F, K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        });
+        TMKIT_CUDA_CHECK(cudaDeviceSynchronize());
+        const double bytes = double(w4_bytes) + 2.0 * M * K + 4.0 * M * N;
+        const double gbs = bytes / (w4_ms * 1e-3) / 1e9;
+        std::printf("| %d x %d | %d | %.1f | %.0f | %.0f%% | %.1f | %.2fx |\n", K, N, M, w4_ms * 1e3, gbs, 100 * gbs / copy_gbs,
+                    blas_ms * 1e3, blas_ms / w4_ms);
+      }
+    }
+    cublasDestroy(blas);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench-kernels: error: %s\n", e.what());
+    return 1;
+  }
+}
