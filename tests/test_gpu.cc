@@ -116,7 +116,7 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
     for (float& v : w) v = 0.05f * uniform();
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
     const std::vector<float> dq = dequantize(q);
-    for (int M : {1, 16, 128, 2048}) {
+    for (int M : {1, 3, 16, 128, 2048}) {
       std::vector<uint16_t> x(size_t(M) * K);
       for (auto& v : x) v = float_to_half(uniform());
       const std::vector<float> y = gpu_w4a16_matmul(q, x, M);

@@ -58,7 +58,7 @@ void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: 
 
 int main(int argc, char** argv) {
   int reps = 50;
-  std::vector<int> ms = {1, 16, 128};
+  std::vector<int> ms = {1, 4, 16, 128};
   CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
   app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
   app.add_option("-m,--batch", ms, "rows of the activation matrix");
@@ -96,11 +96,14 @@ int main(int argc, char** argv) {
         DeviceBuffer<__half> x, scratch(size_t(K) * N);
         fill_random(x, size_t(M) * K, 5);
         DeviceBuffer<float> y(size_t(M) * N), partial(size_t(K / 128) * std::max(M, 1) * N);
+        DeviceBuffer<unsigned> tickets(size_t(N / 8 + 63) / 64 + 1);
+        TMKIT_CUDA_CHECK(cudaMemset(tickets.get(), 0, tickets.size() * sizeof(unsigned)));
         const float one = 1.0f, zero = 0.0f;
         const double w4_ms = median_ms(reps, [&](int i) {
           const size_t c = size_t(i % copies);
           if (M <= 16) {
-            tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), y.get(), nullptr);
+            tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), tickets.get(),
+                                    y.get(), nullptr);
           } else {
             tmkit::cuda::w4_dequant(qw[c].get(), sc[c].get(), zr[c].get(), K, N, 128, scratch.get(), nullptr);
             cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F, K,

@@ -2,68 +2,127 @@
 // formats/int4.h): qweight int32 [K, N/8] with column 8w + j at bits 4j of word w, fp16 scales
 // and integer zeros [K/g, N], w = (q - zero) * scale (rounded to fp16, as the reference).
 //
-// M <= 16 (decode): dequantize on the fly. Grid (ceil(N/8 / 128), K / 128): a block covers 128
-// word columns (1024 outputs) and one 128-row chunk of K; thread t owns word column w: per row it
-// reads one 4-byte word (a warp reads 128 contiguous bytes), unpacks 8 codes and multiplies them
-// with the chunk's X values from shared memory ([M][128] fp32). Each chunk writes its partial
-// sums to partial[chunk][M][N]; a second kernel adds the chunks in order (deterministic, no
-// atomics). M > 16 (prefill): dequantize W to fp16 once, then the caller's dense GEMM.
+// M <= 16 (decode), one launch. Grid (N / (64 W 8), K / 128): a block covers 64 column lanes
+// times W words (8 W output columns each) and one 128-row chunk of K, which is one quantization
+// group. Its 256 threads are 4 row lanes x 64 column lanes: thread (r, c) reads rows r, r + 4, ...
+// of the chunk, W consecutive words per row (16 bytes when W = 4: a warp streams 512 contiguous
+// bytes per row), with 8 rows of loads in flight before the arithmetic uses them. Within a group
+// scale s and zero z are per column, so the thread accumulates sum_k x_k q_k over raw codes and
+// the group is applied once: y = s (sum x q - z sum x). Row lanes meet in shared memory; each
+// chunk writes partial[chunk][m][n]; the last block to finish a column tile (a ticket counter)
+// adds the chunks in order: deterministic, no atomics on values, no second launch.
+// M > 16 (prefill): dequantize W to fp16 once, then the caller's dense GEMM.
 #include "kernels.h"
 
 namespace tmkit::cuda {
 
 namespace {
 
-constexpr int kThreads = 128, kChunk = 128;
+constexpr int kChunk = 128, kColLanes = 64, kRowLanes = 4, kThreads = kColLanes * kRowLanes, kInFlight = 8;
 
-template <int MT>
-__global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* x, int M, int K, int N, const int32_t* qw,
-                                                             const __half* scales, const __half* zeros, int group,
-                                                             float* partial) {
+template <int W>
+struct Words;  // W consecutive int32 words loaded at once
+template <> struct Words<1> { using type = int; };
+template <> struct Words<2> { using type = int2; };
+template <> struct Words<4> { using type = int4; };
+
+template <int W>
+__device__ inline uint32_t word_at(const typename Words<W>::type& v, int i) {
+  if constexpr (W == 1) return uint32_t(v);
+  else if constexpr (W == 2) return uint32_t(i == 0 ? v.x : v.y);
+  else return uint32_t(i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w);
+}
+
+template <int MT, int W>
+__global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* __restrict__ x, int M, int K, int N,
+                                                             const int32_t* __restrict__ qw, const __half* __restrict__ scales,
+                                                             const __half* __restrict__ zeros, float* partial,
+                                                             unsigned* tickets, float* __restrict__ y) {
+  constexpr int C = 8 * W;  // output columns per thread
   __shared__ float xs[MT][kChunk];
+  __shared__ float xsum[MT];
+  __shared__ float red[MT][C][kColLanes];  // row lanes 1..3 add into it in turn (static smem stays < 48 KB)
+  __shared__ bool last;
+  const int cl = threadIdx.x % kColLanes, rl = threadIdx.x / kColLanes;
   const int k0 = blockIdx.y * kChunk, words = N / 8;
+  const int w0 = (blockIdx.x * kColLanes + cl) * W;  // first word of this thread
   for (int i = threadIdx.x; i < MT * kChunk; i += kThreads) {
     const int m = i / kChunk, kk = i % kChunk;
     xs[m][kk] = m < M ? __half2float(x[size_t(m) * K + k0 + kk]) : 0.0f;
   }
   __syncthreads();
-  const int w = blockIdx.x * kThreads + threadIdx.x;
-  if (w >= words) return;
-  float acc[MT][8] = {};
-  float s[8], z[8];
-  int loaded_group = -1;
-  for (int kk = 0; kk < kChunk; ++kk) {
-    const int k = k0 + kk;
-    if (k / group != loaded_group) {
-      loaded_group = k / group;
-      const size_t g = size_t(loaded_group) * N + size_t(w) * 8;
+  if (threadIdx.x < MT) {
+    float t = 0.0f;
+    for (int kk = 0; kk < kChunk; ++kk) t += xs[threadIdx.x][kk];
+    xsum[threadIdx.x] = t;
+  }
+  const bool active = w0 < words;
+  float acc[MT][C];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        s[j] = __half2float(scales[g + j]);
-        z[j] = __half2float(zeros[g + j]);
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[m][c] = 0.0f;
+  if (active) {
+    using V = typename Words<W>::type;
+    const V* base = reinterpret_cast<const V*>(qw + size_t(k0) * words + w0);
+    const size_t stride = size_t(words) / W;  // in V units per row
+    for (int r0 = rl; r0 < kChunk; r0 += kRowLanes * kInFlight) {
+      V v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) v[u] = __ldg(base + size_t(r0 + u * kRowLanes) * stride);
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int kk = r0 + u * kRowLanes;
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const uint32_t word = word_at<W>(v[u], i);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float q = float((word >> (4 * j)) & 0xfu);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) acc[m][8 * i + j] += xs[m][kk] * q;
+          }
+        }
       }
     }
-    const uint32_t word = uint32_t(qw[size_t(k) * words + w]);
+  }
+  for (int r = 1; r < kRowLanes; ++r) {
+    if (rl == r) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float wv = __half2float(__float2half_rn((float((word >> (4 * j)) & 0xfu) - z[j]) * s[j]));
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int m = 0; m < MT; ++m) acc[m][j] += xs[m][kk] * wv;
+        for (int c = 0; c < C; ++c) red[m][c][cl] = (r == 1 ? 0.0f : red[m][c][cl]) + acc[m][c];
+    }
+    __syncthreads();
+  }
+  if (rl == 0 && active) {
+    const size_t g = size_t(blockIdx.y) * N + size_t(w0) * 8;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {  // compile-time m keeps acc in registers
+      if (m >= M) break;
+      float* out = partial + (size_t(blockIdx.y) * M + m) * N + size_t(w0) * 8;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const float s = __half2float(scales[g + c]), z = __half2float(zeros[g + c]);
+        out[c] = s * (acc[m][c] + red[m][c][cl] - z * xsum[m]);
+      }
     }
   }
-  for (int m = 0; m < M && m < MT; ++m) {
-    float* out = partial + (size_t(blockIdx.y) * M + m) * N + size_t(w) * 8;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = acc[m][j];
+  // The last chunk of this column tile to finish adds all chunks, in chunk order.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  const int cols = kColLanes * C, col0 = blockIdx.x * cols;
+  for (int i = threadIdx.x; i < M * cols; i += kThreads) {
+    const int m = i / cols, n = col0 + i % cols;
+    if (n >= N) continue;
+    float v = 0.0f;
+    for (int c = 0; c < int(gridDim.y); ++c) v += __ldcg(partial + (size_t(c) * M + m) * N + n);
+    y[size_t(m) * N + n] = v;
   }
-}
-
-__global__ void sum_chunks_kernel(const float* partial, int chunks, int MN, float* y) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= MN) return;
-  float v = 0.0f;
-  for (int c = 0; c < chunks; ++c) v += partial[size_t(c) * MN + i];
-  y[i] = v;
+  if (threadIdx.x == 0) tickets[blockIdx.x] = 0;  // ready for the next launch
 }
 
 __global__ void w4_dequant_kernel(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group,
@@ -81,15 +140,16 @@ __global__ void w4_dequant_kernel(const int32_t* qw, const __half* scales, const
 }  // namespace
 
 void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
-                int group, float* partial, float* y, cudaStream_t s) {
-  if (M < 1 || M > 16 || K % kChunk || N % 8 || group % 8) fail("w4a16_gemv: unsupported shape M={} K={} N={} g={}", M, K, N, group);
-  const dim3 grid((N / 8 + kThreads - 1) / kThreads, K / kChunk);
-  if (M == 1) w4a16_gemv_kernel<1><<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, group, partial);
-  else if (M <= 4) w4a16_gemv_kernel<4><<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, group, partial);
-  else w4a16_gemv_kernel<16><<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, group, partial);
-  TMKIT_CUDA_LAUNCHED();
-  const int MN = M * N;
-  sum_chunks_kernel<<<(MN + 255) / 256, 256, 0, s>>>(partial, K / kChunk, MN, y);
+                int group, float* partial, unsigned* tickets, float* y, cudaStream_t s) {
+  if (M < 1 || M > 16 || K % kChunk || N % 8 || group != kChunk)
+    fail("w4a16_gemv: unsupported shape M={} K={} N={} group={} (K % 128, N % 8, group 128)", M, K, N, group);
+  auto launch = [&](auto kernel, int W) {
+    const dim3 grid(unsigned((N / 8 + kColLanes * W - 1) / (kColLanes * W)), unsigned(K / kChunk));
+    kernel<<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, partial, tickets, y);
+  };
+  if (M == 1 && N % 32 == 0) launch(w4a16_gemv_kernel<1, 4>, 4);
+  else if (M <= 4 && N % 16 == 0) launch(w4a16_gemv_kernel<4, 2>, 2);
+  else launch(w4a16_gemv_kernel<16, 1>, 1);
   TMKIT_CUDA_LAUNCHED();
 }
 
