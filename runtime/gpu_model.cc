@@ -54,11 +54,7 @@ struct W4Linear {
   DeviceBuffer<__half> s, z;
   int K = 0, N = 0, group = 0;
 
-  DeviceBuffer<unsigned> tickets;  // the GEMV kernel's per-column-tile counters, kept zeroed
-
   explicit W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), group(int(w.group)) {
-    tickets.resize(size_t(N / 8 + 63) / 64 + 1);
-    TMKIT_CUDA_CHECK(cudaMemset(tickets.get(), 0, tickets.size() * sizeof(unsigned)));
     q.resize(w.qweight.size());
     s.resize(w.scales.size());
     z.resize(w.zeros.size());
@@ -72,7 +68,7 @@ struct W4Linear {
            DeviceBuffer<__half>& dense) const {
     if (M <= 16) {
       partial.resize(size_t(K / 128) * M * N);
-      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), tickets.get(), y, nullptr);
+      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, nullptr);
       return;
     }
     dense.resize(size_t(K) * N);

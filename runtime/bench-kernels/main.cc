@@ -96,14 +96,11 @@ int main(int argc, char** argv) {
         DeviceBuffer<__half> x, scratch(size_t(K) * N);
         fill_random(x, size_t(M) * K, 5);
         DeviceBuffer<float> y(size_t(M) * N), partial(size_t(K / 128) * std::max(M, 1) * N);
-        DeviceBuffer<unsigned> tickets(size_t(N / 8 + 63) / 64 + 1);
-        TMKIT_CUDA_CHECK(cudaMemset(tickets.get(), 0, tickets.size() * sizeof(unsigned)));
         const float one = 1.0f, zero = 0.0f;
         const double w4_ms = median_ms(reps, [&](int i) {
           const size_t c = size_t(i % copies);
           if (M <= 16) {
-            tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), tickets.get(),
-                                    y.get(), nullptr);
+            tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), y.get(), nullptr);
           } else {
             tmkit::cuda::w4_dequant(qw[c].get(), sc[c].get(), zr[c].get(), K, N, 128, scratch.get(), nullptr);
             cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F, K,

@@ -36,10 +36,9 @@ template <typename T>
 void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
 // W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
-// `partial` holds K/128 * M * N floats; `tickets` holds one zeroed counter per 512 columns
-// (the kernel leaves them zeroed). K % 128 == 0, N % 8 == 0.
+// `partial` holds K/128 * M * N floats. K % 128 == 0, N % 8 == 0.
 void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
-                int group, float* partial, unsigned* tickets, float* y, cudaStream_t s);
+                int group, float* partial, float* y, cudaStream_t s);
 // Dequantizes an int4 linear into fp16 w[K, N] (for the dense GEMM of long inputs).
 void w4_dequant(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group, __half* w,
                 cudaStream_t s);
