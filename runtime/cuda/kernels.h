@@ -36,8 +36,7 @@ template <typename T>
 void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
 // W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
-// `partial` holds w4a16_partial_floats(M, K, N) floats. K % group == 0, N % 8 == 0, group % 64 == 0.
-size_t w4a16_partial_floats(int M, int K, int N);
+// `partial` holds K/128 * M * N floats. K % 128 == 0, N % 8 == 0.
 void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
                 int group, float* partial, float* y, cudaStream_t s);
 // Dequantizes an int4 linear into fp16 w[K, N] (for the dense GEMM of long inputs).

@@ -2,14 +2,13 @@
 // formats/int4.h): qweight int32 [K, N/8] with column 8w + j at bits 4j of word w, fp16 scales
 // and integer zeros [K/g, N], w = (q - zero) * scale (rounded to fp16, as the reference).
 //
-// M <= 16 (decode). Grid (N / (32 W 8), K / 64): a block covers 32 column lanes times W words
-// (8 W output columns each) and one 64-row chunk of K, inside one quantization group (g = 128).
-// Its 256 threads are 8 row lanes x 32 column lanes: thread (r, c) reads rows r, r + 8, ... (8
-// rows, all loads in flight before the arithmetic), W consecutive words per row (16 bytes when
-// W = 4: a warp streams 512 contiguous bytes per row). Small blocks make many of them: ncu showed
-// the earlier 64-lane x 128-row blocks at 0.12 waves and 10% occupancy for 4096 x 4096. Within a
-// group scale s and zero z are per column, so the thread accumulates sum_k x_k q_k over raw codes
-// and the group is applied once: y = s (sum x q - z sum x). Row lanes meet in shared memory; each
+// M <= 16 (decode), one launch. Grid (N / (64 W 8), K / 128): a block covers 64 column lanes
+// times W words (8 W output columns each) and one 128-row chunk of K, which is one quantization
+// group. Its 256 threads are 4 row lanes x 64 column lanes: thread (r, c) reads rows r, r + 4, ...
+// of the chunk, W consecutive words per row (16 bytes when W = 4: a warp streams 512 contiguous
+// bytes per row), with 8 rows of loads in flight before the arithmetic uses them. Within a group
+// scale s and zero z are per column, so the thread accumulates sum_k x_k q_k over raw codes and
+// the group is applied once: y = s (sum x q - z sum x). Row lanes meet in shared memory; each
 // chunk writes partial[chunk][m][n], and a second kernel adds the chunks in order with one
 // thread per output and every chunk's load in flight at once (deterministic, no atomics).
 // (A single-launch variant, where the last block of a column tile added the chunks, measured
@@ -21,7 +20,7 @@ namespace tmkit::cuda {
 
 namespace {
 
-constexpr int kChunk = 64, kColLanes = 32, kRowLanes = 8, kThreads = kColLanes * kRowLanes, kInFlight = 8;
+constexpr int kChunk = 128, kColLanes = 64, kRowLanes = 4, kThreads = kColLanes * kRowLanes, kInFlight = 8;
 
 template <int W>
 struct Words;  // W consecutive int32 words loaded at once
@@ -39,8 +38,7 @@ __device__ inline uint32_t word_at(const typename Words<W>::type& v, int i) {
 template <int MT, int W>
 __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* __restrict__ x, int M, int K, int N,
                                                              const int32_t* __restrict__ qw, const __half* __restrict__ scales,
-                                                             const __half* __restrict__ zeros, int group,
-                                                             float* partial) {
+                                                             const __half* __restrict__ zeros, float* partial) {
   constexpr int C = 8 * W;  // output columns per thread
   __shared__ float xs[MT][kChunk];
   __shared__ float xsum[MT];
@@ -100,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* __re
     __syncthreads();
   }
   if (rl == 0 && active) {
-    const size_t g = size_t(k0 / group) * N + size_t(w0) * 8;
+    const size_t g = size_t(blockIdx.y) * N + size_t(w0) * 8;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {  // compile-time m keeps acc in registers
       if (m >= M) break;
@@ -145,15 +143,13 @@ __global__ void w4_dequant_kernel(const int32_t* qw, const __half* scales, const
 
 }  // namespace
 
-size_t w4a16_partial_floats(int M, int K, int N) { return size_t(K / kChunk) * M * N; }
-
 void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
                 int group, float* partial, float* y, cudaStream_t s) {
-  if (M < 1 || M > 16 || K % group || N % 8 || group % kChunk)
-    fail("w4a16_gemv: unsupported shape M={} K={} N={} group={} (K % group, N % 8, group % 64)", M, K, N, group);
+  if (M < 1 || M > 16 || K % kChunk || N % 8 || group != kChunk)
+    fail("w4a16_gemv: unsupported shape M={} K={} N={} group={} (K % 128, N % 8, group 128)", M, K, N, group);
   auto launch = [&](auto kernel, int W) {
     const dim3 grid(unsigned((N / 8 + kColLanes * W - 1) / (kColLanes * W)), unsigned(K / kChunk));
-    kernel<<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, group, partial);
+    kernel<<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, partial);
   };
   if (M == 1 && N % 32 == 0) launch(w4a16_gemv_kernel<1, 4>, 4);
   else if (M <= 4 && N % 16 == 0) launch(w4a16_gemv_kernel<4, 2>, 2);
