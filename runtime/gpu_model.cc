@@ -67,7 +67,7 @@ struct W4Linear {
   void run(cublasHandle_t blas, const __half* x, int M, float* y, DeviceBuffer<float>& partial,
            DeviceBuffer<__half>& dense) const {
     if (M <= 16) {
-      partial.resize(size_t(K / 128) * M * N);
+      partial.resize(cuda::w4a16_partial_floats(M, K, N));
       cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, nullptr);
       return;
     }

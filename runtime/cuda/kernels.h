@@ -36,9 +36,11 @@ template <typename T>
 void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
 // W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
-// `partial` holds K/128 * M * N floats. K % 128 == 0, N % 8 == 0.
+// `partial` holds w4a16_partial_floats(M, K, N) floats. K % group == 0, N % 8 == 0, group % 128 == 0.
+// `variant` picks the block shape (see w4a16_gemm.cu); 0 is the default.
+size_t w4a16_partial_floats(int M, int K, int N);
 void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
-                int group, float* partial, float* y, cudaStream_t s);
+                int group, float* partial, float* y, cudaStream_t s, int variant = 0);
 // Dequantizes an int4 linear into fp16 w[K, N] (for the dense GEMM of long inputs).
 void w4_dequant(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group, __half* w,
                 cudaStream_t s);

@@ -20,7 +20,10 @@ namespace tmkit::cuda {
 
 namespace {
 
-constexpr int kChunk = 128, kColLanes = 64, kRowLanes = 4, kThreads = kColLanes * kRowLanes, kInFlight = 8;
+// Block shapes (column lanes x row lanes over a chunk of K rows), selectable for measurement:
+//   variant 0: 64 x 4 over 128 rows (few large blocks: 64 for 4096 x 4096 at M = 1)
+//   variant 1: 32 x 8 over 64 rows (4x the blocks, a quarter of the work each)
+constexpr int kThreads = 256, kInFlight = 8;
 
 template <int W>
 struct Words;  // W consecutive int32 words loaded at once
@@ -35,10 +38,12 @@ __device__ inline uint32_t word_at(const typename Words<W>::type& v, int i) {
   else return uint32_t(i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w);
 }
 
-template <int MT, int W>
+template <int MT, int W, int kColLanes, int kChunk>
 __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* __restrict__ x, int M, int K, int N,
                                                              const int32_t* __restrict__ qw, const __half* __restrict__ scales,
-                                                             const __half* __restrict__ zeros, float* partial) {
+                                                             const __half* __restrict__ zeros, int group,
+                                                             float* partial) {
+  constexpr int kRowLanes = kThreads / kColLanes;
   constexpr int C = 8 * W;  // output columns per thread
   __shared__ float xs[MT][kChunk];
   __shared__ float xsum[MT];
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const __half* __re
     __syncthreads();
   }
   if (rl == 0 && active) {
-    const size_t g = size_t(blockIdx.y) * N + size_t(w0) * 8;
+    const size_t g = size_t(k0 / group) * N + size_t(w0) * 8;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {  // compile-time m keeps acc in registers
       if (m >= M) break;
@@ -143,20 +148,29 @@ __global__ void w4_dequant_kernel(const int32_t* qw, const __half* scales, const
 
 }  // namespace
 
-void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
-                int group, float* partial, float* y, cudaStream_t s) {
-  if (M < 1 || M > 16 || K % kChunk || N % 8 || group != kChunk)
-    fail("w4a16_gemv: unsupported shape M={} K={} N={} group={} (K % 128, N % 8, group 128)", M, K, N, group);
+template <int kColLanes, int kChunk>
+void gemv_variant(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
+                  int group, float* partial, float* y, cudaStream_t s) {
+  if (M < 1 || M > 16 || K % group || N % 8 || group % kChunk)
+    fail("w4a16_gemv: unsupported shape M={} K={} N={} group={} (K % group, N % 8, group % {})", M, K, N, group, kChunk);
   auto launch = [&](auto kernel, int W) {
     const dim3 grid(unsigned((N / 8 + kColLanes * W - 1) / (kColLanes * W)), unsigned(K / kChunk));
-    kernel<<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, partial);
+    kernel<<<grid, kThreads, 0, s>>>(x, M, K, N, qw, scales, zeros, group, partial);
   };
-  if (M == 1 && N % 32 == 0) launch(w4a16_gemv_kernel<1, 4>, 4);
-  else if (M <= 4 && N % 16 == 0) launch(w4a16_gemv_kernel<4, 2>, 2);
-  else launch(w4a16_gemv_kernel<16, 1>, 1);
+  if (M == 1 && N % 32 == 0) launch(w4a16_gemv_kernel<1, 4, kColLanes, kChunk>, 4);
+  else if (M <= 4 && N % 16 == 0) launch(w4a16_gemv_kernel<4, 2, kColLanes, kChunk>, 2);
+  else launch(w4a16_gemv_kernel<16, 1, kColLanes, kChunk>, 1);
   TMKIT_CUDA_LAUNCHED();
   sum_chunks_kernel<<<(M * N + 255) / 256, 256, 0, s>>>(partial, K / kChunk, M * N, y);
   TMKIT_CUDA_LAUNCHED();
+}
+
+size_t w4a16_partial_floats(int M, int K, int N) { return size_t(K / 64) * M * N; }  // the smallest chunk
+
+void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
+                int group, float* partial, float* y, cudaStream_t s, int variant) {
+  if (variant == 1) gemv_variant<32, 64>(x, M, K, N, qw, scales, zeros, group, partial, y, s);
+  else gemv_variant<64, 128>(x, M, K, N, qw, scales, zeros, group, partial, y, s);
 }
 
 void w4_dequant(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group, __half* w,
