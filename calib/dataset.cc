@@ -8,6 +8,7 @@
 #include <system_error>
 
 #include "error.h"
+#include "splitmix64.h"
 
 namespace tmkit {
 
@@ -119,25 +120,6 @@ std::vector<int32_t> load_i32(const fs::path& path, int64_t vocab) {
   return ids;
 }
 
-// splitmix64 (Steele, Lea, Flood 2014): tiny, fully specified, good enough to spread windows over a corpus.
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, n), n > 0, without modulo bias: draws below 2^64 mod n are rejected, so the accepted range
-  // is a whole multiple of n.
-  uint64_t below(uint64_t n) {
-    const uint64_t threshold = (0 - n) % n;
-    for (;;) {
-      uint64_t x = next();
-      if (x >= threshold) return x % n;
-    }
-  }
-};
 
 }  // namespace
 

@@ -22,14 +22,6 @@ json llama_json() {
                     "original_max_position_embeddings":8192,"rope_type":"llama3"}})");
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 }  // namespace
 
@@ -88,7 +80,7 @@ TEST(HfConfig, DynamicAndLinearRope) {
   EXPECT_EQ(t.rope_scaling_type, "linear");
   EXPECT_EQ(t.use_dynamic_ntk, 0);
   j["rope_scaling"] = {{"rope_type", "longrope"}, {"factor", 4.0}};
-  EXPECT_NE(error_of([&] { parse_hf_config(j.dump(), "cfg"); }).find("longrope"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_hf_config(j.dump(), "cfg"); }).find("longrope"), std::string::npos);
 }
 
 TEST(HfConfig, InternLM2) {
@@ -103,23 +95,23 @@ TEST(HfConfig, InternLM2) {
 TEST(HfConfigBad, MissingKeyAndUnsupportedArch) {
   json j = llama_json();
   j.erase("num_hidden_layers");
-  std::string e = error_of([&] { parse_hf_config(j.dump(), "some/config.json"); });
+  std::string e = test::error_of([&] { parse_hf_config(j.dump(), "some/config.json"); });
   EXPECT_NE(e.find("some/config.json"), std::string::npos) << e;
   EXPECT_NE(e.find("num_hidden_layers"), std::string::npos) << e;
   j = llama_json();
   j["architectures"] = {"GPT2LMHeadModel"};
-  e = error_of([&] { parse_hf_config(j.dump(), "cfg"); });
+  e = test::error_of([&] { parse_hf_config(j.dump(), "cfg"); });
   EXPECT_NE(e.find("unsupported architecture 'GPT2LMHeadModel'"), std::string::npos) << e;
   j = llama_json();
   j["hidden_size"] = "big";
-  EXPECT_NE(error_of([&] { parse_hf_config(j.dump(), "cfg"); }).find("hidden_size"), std::string::npos);
-  EXPECT_NE(error_of([&] { parse_hf_config("{not json", "cfg"); }).find("not valid JSON"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_hf_config(j.dump(), "cfg"); }).find("hidden_size"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_hf_config("{not json", "cfg"); }).find("not valid JSON"), std::string::npos);
 }
 
 TEST(TmConfig, TpDivisibility) {
   HfConfig c = load_hf_config(test::model_dir("tiny-llama"));  // 4 heads, 2 kv heads
-  EXPECT_NE(error_of([&] { make_tm_config(c, 3, "float16"); }).find("num_attention_heads 4"), std::string::npos);
-  EXPECT_NE(error_of([&] { make_tm_config(c, 4, "float16"); }).find("num_key_value_heads 2"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { make_tm_config(c, 3, "float16"); }).find("num_attention_heads 4"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { make_tm_config(c, 4, "float16"); }).find("num_key_value_heads 2"), std::string::npos);
   EXPECT_EQ(make_tm_config(c, 2, "float16").tp, 2);
 }
 
@@ -164,13 +156,13 @@ TEST(TmConfigBad, YamlMissingOrInconsistent) {
   std::string text = format_config_yaml(t);
   std::string no_heads = text;
   no_heads.erase(no_heads.find("  head_num: 4\n"), 14);
-  EXPECT_NE(error_of([&] { parse_config_yaml(no_heads, "ws/config.yaml"); }).find("model_config.head_num"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_config_yaml(no_heads, "ws/config.yaml"); }).find("model_config.head_num"), std::string::npos);
   std::string bad_tp = text;
   bad_tp.replace(bad_tp.find("  tp: 1\n"), 8, "  tp: 3\n");
-  EXPECT_NE(error_of([&] { parse_config_yaml(bad_tp, "ws/config.yaml"); }).find("tp 3"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_config_yaml(bad_tp, "ws/config.yaml"); }).find("tp 3"), std::string::npos);
   std::string bad_type = text;
   bad_type.replace(bad_type.find("float16"), 7, "float64");
-  EXPECT_NE(error_of([&] { parse_config_yaml(bad_type, "ws/config.yaml"); }).find("float64"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_config_yaml(bad_type, "ws/config.yaml"); }).find("float64"), std::string::npos);
 }
 
 TEST(HfConfig, YarnDefaultAttentionFactor) {
@@ -182,7 +174,7 @@ TEST(HfConfig, YarnDefaultAttentionFactor) {
 }
 
 TEST(HfConfigBad, AbsurdValuesAreRefusedBeforeUse) {
-  auto err = [](json j) { return error_of([&] { parse_hf_config(j.dump(), "cfg"); }); };
+  auto err = [](json j) { return test::error_of([&] { parse_hf_config(j.dump(), "cfg"); }); };
   json j = llama_json();
   j["num_hidden_layers"] = 4000000000LL;
   EXPECT_NE(err(j).find("num_hidden_layers"), std::string::npos);
@@ -200,7 +192,7 @@ TEST(HfConfigBad, AbsurdValuesAreRefusedBeforeUse) {
   j["rms_norm_eps"] = -1;
   EXPECT_NE(err(j).find("rms_norm_eps"), std::string::npos);
   std::string deep(100, '[');
-  EXPECT_NE(error_of([&] { parse_hf_config("{\"a\":" + deep, "cfg"); }).find("nested deeper"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { parse_hf_config("{\"a\":" + deep, "cfg"); }).find("nested deeper"), std::string::npos);
 }
 
 TEST(TmConfigBad, RotaryAndSizesAreChecked) {
@@ -209,7 +201,7 @@ TEST(TmConfigBad, RotaryAndSizesAreChecked) {
   auto with = [&](const std::string& from, const std::string& to) {
     std::string s = text;
     s.replace(s.find(from), from.size(), to);
-    return error_of([&] { parse_config_yaml(s, "ws/config.yaml"); });
+    return test::error_of([&] { parse_config_yaml(s, "ws/config.yaml"); });
   };
   EXPECT_NE(with("rotary_embedding: 32", "rotary_embedding: 64").find("rotary_embedding 64"), std::string::npos);
   EXPECT_NE(with("rotary_embedding: 32", "rotary_embedding: 3").find("rotary_embedding 3"), std::string::npos);

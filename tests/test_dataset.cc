@@ -41,14 +41,6 @@ std::vector<int32_t> iota_tokens(int n) {
   return v;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 void write_i32(const fs::path& p, const std::vector<int32_t>& ids) {
   std::string bytes;
@@ -92,11 +84,11 @@ TEST(Sampling, ContiguousTakesTheFirstBlocks) {
 
 TEST(Sampling, ContiguousNotEnoughTokens) {
   SampleOptions opt;  // the defaults: 128 samples of 512
-  EXPECT_EQ(error_of([&] { sample_blocks(iota_tokens(1000), opt); }),
+  EXPECT_EQ(test::error_of([&] { sample_blocks(iota_tokens(1000), opt); }),
             "calibration data has 1000 tokens, 128 samples of 512 need 65536");
   opt.samples = 4;
   opt.seqlen = 25;
-  EXPECT_EQ(error_of([&] { sample_blocks(iota_tokens(99), opt); }),
+  EXPECT_EQ(test::error_of([&] { sample_blocks(iota_tokens(99), opt); }),
             "calibration data has 99 tokens, 4 samples of 25 need 100");
 }
 
@@ -160,9 +152,9 @@ TEST(Sampling, RandomCoversTheWholeRange) {
 TEST(Sampling, RandomNotEnoughTokens) {
   SampleOptions opt;
   opt.sampling = Sampling::Random;
-  EXPECT_EQ(error_of([&] { sample_blocks(iota_tokens(511), opt); }),
+  EXPECT_EQ(test::error_of([&] { sample_blocks(iota_tokens(511), opt); }),
             "calibration data has 511 tokens, random samples of 512 need at least 512");
-  EXPECT_EQ(error_of([&] { sample_blocks({}, opt); }),
+  EXPECT_EQ(test::error_of([&] { sample_blocks({}, opt); }),
             "calibration data has 0 tokens, random samples of 512 need at least 512");
 }
 
@@ -171,19 +163,19 @@ TEST(Sampling, RejectsNonPositiveSizes) {
   SampleOptions opt;
   opt.samples = 0;
   opt.seqlen = 10;
-  EXPECT_NE(error_of([&] { sample_blocks(tokens, opt); }).find("--calib-samples must be positive"),
+  EXPECT_NE(test::error_of([&] { sample_blocks(tokens, opt); }).find("--calib-samples must be positive"),
             std::string::npos);
   opt.samples = 1;
   opt.seqlen = -5;
-  EXPECT_NE(error_of([&] { sample_blocks(tokens, opt); }).find("--calib-seqlen must be positive, got -5"),
+  EXPECT_NE(test::error_of([&] { sample_blocks(tokens, opt); }).find("--calib-seqlen must be positive, got -5"),
             std::string::npos);
   opt.sampling = Sampling::Random;
   opt.seqlen = 0;
-  EXPECT_NE(error_of([&] { sample_blocks(tokens, opt); }).find("--calib-seqlen must be positive"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { sample_blocks(tokens, opt); }).find("--calib-seqlen must be positive"), std::string::npos);
   // An overflowing N*L is an error, not a wrapped-around small number.
   opt.samples = int64_t(1) << 40;
   opt.seqlen = int64_t(1) << 40;
-  EXPECT_NE(error_of([&] { sample_blocks(tokens, opt); }).find("too large"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { sample_blocks(tokens, opt); }).find("too large"), std::string::npos);
 }
 
 // ---- loading ----
@@ -222,26 +214,26 @@ TEST(Dataset, FolderSortedByNameAndJoined) {
 TEST(Dataset, FolderWithoutTxtFails) {
   test::TempDir tmp;
   fs::create_directories(tmp / "empty");
-  std::string e = error_of([&] { load_documents(tmp / "empty"); });
+  std::string e = test::error_of([&] { load_documents(tmp / "empty"); });
   EXPECT_NE(e.find((tmp / "empty").string()), std::string::npos) << e;
   EXPECT_NE(e.find("no .txt files"), std::string::npos) << e;
 
   write_file(tmp / "empty" / "readme.md", "x");
-  e = error_of([&] { load_documents(tmp / "empty"); });
+  e = test::error_of([&] { load_documents(tmp / "empty"); });
   EXPECT_NE(e.find("no .txt files"), std::string::npos) << e;
 }
 
 TEST(Dataset, MissingAndUnreadableFiles) {
   test::TempDir tmp;
-  std::string e = error_of([&] { load_documents(tmp / "nope.txt"); });
+  std::string e = test::error_of([&] { load_documents(tmp / "nope.txt"); });
   EXPECT_NE(e.find((tmp / "nope.txt").string()), std::string::npos) << e;
   ByteTokenizer tok;
-  e = error_of([&] { dataset_tokens(tmp / "nope.i32", tok); });
+  e = test::error_of([&] { dataset_tokens(tmp / "nope.i32", tok); });
   EXPECT_NE(e.find((tmp / "nope.i32").string()), std::string::npos) << e;
 
   // Something that cannot be read as a file (tests run as root, so permissions would not stop it).
   ASSERT_EQ(::mkfifo((tmp / "pipe.txt").c_str(), 0600), 0);
-  e = error_of([&] { load_documents(tmp / "pipe.txt"); });
+  e = test::error_of([&] { load_documents(tmp / "pipe.txt"); });
   EXPECT_NE(e.find((tmp / "pipe.txt").string()), std::string::npos) << e;
 }
 
@@ -272,7 +264,7 @@ TEST(Dataset, JsonlErrors) {
     write_file(f, content);
     DatasetOptions opt;
     opt.text_key = key;
-    return error_of([&] { load_documents(f, opt); });
+    return test::error_of([&] { load_documents(f, opt); });
   };
   // Line numbers count blank lines, so they match an editor's.
   std::string e = err("{\"text\": \"a\"}\n\n{\"text\": \"b\"\n");
@@ -301,7 +293,7 @@ TEST(Dataset, I32Tokens) {
   ByteTokenizer tok;
   EXPECT_EQ(dataset_tokens(tmp / "toks.i32", tok), ids);
   // .i32 holds tokens: load_documents refuses it rather than treating binary as text.
-  EXPECT_NE(error_of([&] { load_documents(tmp / "toks.i32"); }).find("token ids"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { load_documents(tmp / "toks.i32"); }).find("token ids"), std::string::npos);
 }
 
 TEST(Dataset, I32Errors) {
@@ -310,14 +302,14 @@ TEST(Dataset, I32Errors) {
   const std::string f = (tmp / "toks.i32").string();
 
   write_file(f, std::string(10, '\0'));
-  std::string e = error_of([&] { dataset_tokens(f, tok); });
+  std::string e = test::error_of([&] { dataset_tokens(f, tok); });
   EXPECT_EQ(e, f + ": size 10 bytes is not a multiple of 4, so not int32 token ids");
 
   write_i32(f, {1, 2, 256, 3});
-  e = error_of([&] { dataset_tokens(f, tok); });
+  e = test::error_of([&] { dataset_tokens(f, tok); });
   EXPECT_EQ(e, f + ": token 2 is 256, outside the tokenizer's vocabulary [0, 256)");
 
   write_i32(f, {-1});
-  e = error_of([&] { dataset_tokens(f, tok); });
+  e = test::error_of([&] { dataset_tokens(f, tok); });
   EXPECT_EQ(e, f + ": token 0 is -1, outside the tokenizer's vocabulary [0, 256)");
 }

@@ -11,6 +11,7 @@
 #include "hf2tm.h"
 #include "perplexity.h"
 #include "rtn.h"
+#include "splitmix64.h"
 #include "test_util.h"
 
 using namespace tmkit;
@@ -104,13 +105,8 @@ TEST(GpuMemory, Ctx4096WithoutScoreMatrix) {
 // W4A16 against the dequantized product in double, on random inputs, for decode and prefill sizes.
 TEST(GpuW4A16, MatchesDequantizedProduct) {
   if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
-  uint64_t seed = 12345;
-  auto uniform = [&] {  // splitmix64 -> [-1, 1)
-    uint64_t z = (seed += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return float(double((z ^ (z >> 31)) >> 11) * 0x1.0p-53 * 2 - 1);
-  };
+  SplitMix64 rng{12345};
+  auto uniform = [&] { return float(rng.symmetric()); };
   for (auto [K, N] : {std::pair{512, 1024}, std::pair{1536, 512}, std::pair{4096, 4096}}) {
     std::vector<float> w(size_t(K) * N);
     for (float& v : w) v = 0.05f * uniform();

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <stdexcept>
 #include <random>
 #include <sstream>
 #include <string>
@@ -68,6 +70,16 @@ inline RunResult run(const std::string& cmd) {
 }
 
 inline std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+
+// The message of the tmkit::Error that `f` throws, or "" when it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 template <typename T>
 std::vector<T> read_array(const fs::path& p) {

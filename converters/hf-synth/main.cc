@@ -6,20 +6,7 @@
 #include "dtype.h"
 #include "error.h"
 #include "safetensors.h"
-
-namespace {
-
-struct Rng {  // splitmix64: fast, seedable, identical on every machine
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-};
-
-}  // namespace
+#include "splitmix64.h"
 
 int main(int argc, char** argv) {
   int64_t hidden = 4096, layers = 32, heads = 32, kv_heads = 0, inter = 11008, vocab = 32000;
@@ -70,9 +57,9 @@ int main(int argc, char** argv) {
       const auto& s = specs[idx];
       const int64_t n = int64_t(s.nbytes() / tmkit::dtype_size(dt));
       const bool norm = s.shape.size() == 1;
-      Rng rng{seed * 0x100000001b3ull + idx};
+      tmkit::SplitMix64 rng{seed * 0x100000001b3ull + idx};
       for (int64_t k = 0; k < n; ++k) {
-        float v = norm ? 1.0f : float(scale * (double(rng.next() >> 11) * 0x1.0p-53 * 2.0 - 1.0));
+        float v = norm ? 1.0f : float(scale * rng.symmetric());
         if (dt == tmkit::DType::F32) std::memcpy(dst + 4 * k, &v, 4);
         else {
           uint16_t h = dt == tmkit::DType::F16 ? tmkit::float_to_half(v) : tmkit::float_to_bf16(v);
