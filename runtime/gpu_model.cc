@@ -109,7 +109,11 @@ struct GpuModel::Impl {
   TmConfig cfg;
   std::string name;
   KvMode kv = KvMode::kFp16;
-  virtual void run(const int32_t* tokens, int64_t T) = 0;  // leaves logits on the device
+  // Leaves the logits of tokens on the device. With `use_cache`, the tokens follow the cached ones
+  // and their K/V are appended to the cache.
+  virtual void run(const int32_t* tokens, int64_t T, bool use_cache = false) = 0;
+  virtual void reset(int64_t capacity) = 0;
+  int64_t cached = 0, last_T = 0;
   virtual const float* logits() const = 0;
   virtual const int32_t* ids() const = 0;
   DeviceBuffer<float> nll;
@@ -130,6 +134,16 @@ struct ImplT final : GpuModel::Impl {
   DeviceBuffer<int32_t> ids_d;
   DeviceBuffer<float> x, qkv, delta, gu, logits_d, inv_freq;
   DeviceBuffer<T> h, attn, act;
+  DeviceBuffer<float> k_cache, v_cache;  // [layers][capacity][KV * D], fp32 (K after RoPE, as attention reads it)
+  int64_t capacity = 0;
+
+  void reset(int64_t cap) override {
+    const size_t row = size_t(cfg.kv_head_num * cfg.size_per_head);
+    k_cache.resize(size_t(cfg.num_layer) * size_t(cap) * row);
+    v_cache.resize(k_cache.size());
+    capacity = cap;
+    cached = 0;
+  }
 
   explicit ImplT(const ModelWeights& w) {
     cfg = w.cfg;
@@ -183,7 +197,7 @@ struct ImplT final : GpuModel::Impl {
     else fail("int4 workspaces run with fp16 activations");
   }
 
-  void run(const int32_t* tokens, int64_t T64) override {
+  void run(const int32_t* tokens, int64_t T64, bool use_cache) override {
     const int T_ = int(T64), hid = int(cfg.hidden_units), H = int(cfg.head_num), KV = int(cfg.kv_head_num);
     const int D = int(cfg.size_per_head), V = int(cfg.vocab_size), qkv_w = (H + 2 * KV) * D;
     int inter = 0;
@@ -201,7 +215,10 @@ struct ImplT final : GpuModel::Impl {
     for (int t = 0; t < T_; ++t)
       if (tokens[t] < 0 || tokens[t] >= V) fail("token id {} at position {} is outside the vocabulary [0, {})", tokens[t], t, V);
     TMKIT_CUDA_CHECK(cudaMemcpy(ids_d.get(), tokens, size_t(T_) * 4, cudaMemcpyHostToDevice));
-    const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, T64);
+    const int pos0 = use_cache ? int(cached) : 0;
+    if (use_cache && cached + T64 > capacity)
+      fail("KV cache: {} cached + {} new tokens exceed the capacity {} given to reset()", cached, T64, capacity);
+    const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, pos0 + T64);
     inv_freq.resize(rt.inv_freq.size());
     TMKIT_CUDA_CHECK(cudaMemcpy(inv_freq.get(), rt.inv_freq.data(), rt.inv_freq.size() * 4, cudaMemcpyHostToDevice));
     const float eps = float(cfg.norm_eps);
@@ -215,9 +232,22 @@ struct ImplT final : GpuModel::Impl {
       cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, T_, hid, h.get(), s);
       linear(h.get(), l.wqkv, l.qkv4, qkv.get(), T_, hid, qkv_w);
       cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rt.attention_scaling, T_, H,
-                         KV, D, int(cfg.rotary_embedding), s);
+                         KV, D, int(cfg.rotary_embedding), pos0, s);
       if (kv != KvMode::kFp16) cuda::kv_fake_quant(qkv.get(), T_, H, KV, D, int(kv), s);
-      cuda::attention_prefill<T>(qkv.get(), T_, H, KV, D, scale, attn.get(), s);
+      const size_t row = size_t(KV) * D;
+      if (use_cache) {  // append this chunk's K and V rows to the layer's cache, then attend over the cache
+        float* kc = k_cache.get() + (li * size_t(capacity) + size_t(pos0)) * row;
+        float* vc = v_cache.get() + (li * size_t(capacity) + size_t(pos0)) * row;
+        TMKIT_CUDA_CHECK(cudaMemcpy2DAsync(kc, row * 4, qkv.get() + size_t(H) * D, size_t(qkv_w) * 4, row * 4, size_t(T_),
+                                           cudaMemcpyDeviceToDevice, s));
+        TMKIT_CUDA_CHECK(cudaMemcpy2DAsync(vc, row * 4, qkv.get() + size_t(H + KV) * D, size_t(qkv_w) * 4, row * 4,
+                                           size_t(T_), cudaMemcpyDeviceToDevice, s));
+        cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), k_cache.get() + li * size_t(capacity) * row,
+                                   v_cache.get() + li * size_t(capacity) * row, row, T_, pos0, H, KV, D, scale, attn.get(), s);
+      } else {
+        cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), qkv.get() + size_t(H) * D, qkv.get() + size_t(H + KV) * D,
+                                   size_t(qkv_w), T_, 0, H, KV, D, scale, attn.get(), s);
+      }
       linear(attn.get(), l.wo, l.wo4, delta.get(), T_, H * D, hid);
       cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, T_, hid,
                            h.get(), s);
@@ -227,6 +257,8 @@ struct ImplT final : GpuModel::Impl {
     }
     cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, T_, hid, h.get(), s);
     gemm(h.get(), output.get(), logits_d.get(), T_, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
+    last_T = T64;
+    if (use_cache) cached += T64;
   }
   const float* logits() const override { return logits_d.get(); }
   const int32_t* ids() const override { return ids_d.get(); }
@@ -266,6 +298,17 @@ std::string GpuModel::device_name() const { return impl_->name; }
 Mat GpuModel::forward(const int32_t* tokens, int64_t T) {
   impl_->run(tokens, T);
   Mat logits(T, impl_->cfg.vocab_size);
+  TMKIT_CUDA_CHECK(cudaMemcpy(logits.data(), impl_->logits(), size_t(logits.size()) * 4, cudaMemcpyDeviceToHost));
+  return logits;
+}
+
+void GpuModel::reset(int64_t capacity) { impl_->reset(capacity); }
+void GpuModel::append(const int32_t* tokens, int64_t T) { impl_->run(tokens, T, /*use_cache=*/true); }
+int64_t GpuModel::position() const { return impl_->cached; }
+void GpuModel::synchronize() const { TMKIT_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+Mat GpuModel::last_logits() const {
+  Mat logits(impl_->last_T, impl_->cfg.vocab_size);
   TMKIT_CUDA_CHECK(cudaMemcpy(logits.data(), impl_->logits(), size_t(logits.size()) * 4, cudaMemcpyDeviceToHost));
   return logits;
 }

@@ -32,6 +32,15 @@ class GpuModel {
   // Sum and sum of squares of -log p(tokens[t] | tokens[<t]) for t = 1..T-1, reduced on the device.
   void nll_sums(const int32_t* tokens, int64_t T, double* sum, double* sum_sq);
 
+  // Generation over a KV cache: reset() starts a sequence with room for `capacity` tokens;
+  // append() runs tokens after those already cached (a prompt, then one token per decode step),
+  // leaving their logits on the device; last_logits() copies the last append's [T, vocab] back.
+  void reset(int64_t capacity);
+  void append(const int32_t* tokens, int64_t T);
+  Mat last_logits() const;
+  int64_t position() const;
+  void synchronize() const;
+
   struct Impl;  // per element type, in gpu_model.cc
 
  private:

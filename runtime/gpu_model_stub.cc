@@ -15,5 +15,10 @@ const TmConfig& GpuModel::config() const { fail("no CUDA"); }
 std::string GpuModel::device_name() const { return ""; }
 Mat GpuModel::forward(const int32_t*, int64_t) { fail("no CUDA"); }
 void GpuModel::nll_sums(const int32_t*, int64_t, double*, double*) { fail("no CUDA"); }
+void GpuModel::reset(int64_t) { fail("no CUDA"); }
+void GpuModel::append(const int32_t*, int64_t) { fail("no CUDA"); }
+Mat GpuModel::last_logits() const { fail("no CUDA"); }
+int64_t GpuModel::position() const { return 0; }
+void GpuModel::synchronize() const {}
 
 }  // namespace tmkit

@@ -50,7 +50,9 @@ TEST(DType, HalfRoundsToNearestEven) {
 TEST(DType, BF16) {
   for (uint32_t h = 0; h < 65536; ++h) {
     const float f = bf16_to_float(uint16_t(h));
-    if (!std::isnan(f)) ASSERT_EQ(float_to_bf16(f), h);
+    if (!std::isnan(f)) {
+      ASSERT_EQ(float_to_bf16(f), h);
+    }
   }
   EXPECT_EQ(float_to_bf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);  // tie -> even
   EXPECT_EQ(float_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);

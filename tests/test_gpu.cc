@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "cpu_forward.h"
+#include "error.h"
 #include "gpu_model.h"
 #include "hf2tm.h"
 #include "perplexity.h"
@@ -191,5 +192,34 @@ TEST(GpuKv, KernelEqualsOracleBitForBit) {
       EXPECT_TRUE(gpu == cpu) << "D=" << D << " bits=" << bits;
       EXPECT_TRUE(std::equal(gpu.begin(), gpu.begin() + H * D, qkv.begin())) << "q must be untouched";
     }
+  }
+}
+
+// Generation over the KV cache: a 100-token prefill and then 64 single-token decode steps give the
+// logits of one 164-token forward, for fp16 weights (cuBLAS) and int4 weights (W4A16 GEMV at M = 1).
+TEST(GpuDecode, CachedStepsMatchFullForward) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  test::TempDir tmp;
+  quantize_workspace_rtn(workspace("small-llama"), tmp / "int4", 128, false);
+  for (const fs::path& ws : {workspace("small-llama"), tmp / "int4"}) {
+    const ModelWeights w = load_workspace(ws);
+    GpuModel gpu(w);
+    const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
+    const int64_t P = 100, N = 64, V = w.cfg.vocab_size;
+    const Mat full = gpu.forward(ids.data(), P + N);
+    gpu.reset(P + N);
+    gpu.append(ids.data(), P);
+    Mat cached(P + N, V);
+    cached.topRows(P) = gpu.last_logits();
+    for (int64_t t = 0; t < N; ++t) {
+      gpu.append(ids.data() + P + t, 1);
+      cached.row(P + t) = gpu.last_logits().row(0);
+    }
+    EXPECT_EQ(gpu.position(), P + N);
+    const double rel = test::rel_l2(as_vector(cached), as_vector(full));
+    std::printf("%s: prefill %lld + %lld decode steps vs one forward: rel-L2 %.3g\n", w.cfg.weight_type.c_str(),
+                (long long)P, (long long)N, rel);
+    EXPECT_LE(rel, 2e-3) << w.cfg.weight_type;
+    EXPECT_THROW(gpu.append(ids.data(), 1), Error);  // the capacity given to reset() is used up
   }
 }

@@ -135,7 +135,9 @@ TEST_F(TinyLlamaTp2, FileNamesAndSizes) {
   for (const auto& [name, _] : expected) want.insert(name);
   EXPECT_EQ(present, want);
   for (const auto& [name, bytes] : expected)
-    if (name != "config.yaml") EXPECT_EQ(fs::file_size(weights() / name), bytes) << name;
+    if (name != "config.yaml") {
+      EXPECT_EQ(fs::file_size(weights() / name), bytes) << name;
+    }
   EXPECT_TRUE(fs::exists(tokenizer_dir(*tmp_ / "ws") / "tokenizer.model"));
 }
 

@@ -148,7 +148,9 @@ TEST(BadText, NulBytesEmptyAndHugeLines) {
     const std::string nul("a\0b\0\0c", 6);
     const auto ids = tok->encode(nul);
     EXPECT_FALSE(ids.empty()) << model;
-    if (tok->kind() == "bpe-bytelevel") EXPECT_EQ(tok->decode(ids), nul) << model;
+    if (tok->kind() == "bpe-bytelevel") {
+      EXPECT_EQ(tok->decode(ids), nul) << model;
+    }
     // A 10 MB line with no newline, and a 1 MB single word: bounded time, no crash.
     std::string line;
     while (line.size() < (10u << 20)) line += "the quick brown fox jumps over the lazy dog, 1234 times; ";

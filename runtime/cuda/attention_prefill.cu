@@ -1,5 +1,7 @@
 // Causal GQA attention of one sequence, flash-attention style (online softmax; the [T, T]
-// score matrix never exists in memory).
+// score matrix never exists in memory). Queries are rows pos0 .. pos0 + T - 1 of the sequence;
+// keys and values are rows 0 .. pos0 + T - 1, read with their own row stride (the fp32 qkv
+// buffer itself for a plain forward, the KV cache for prefill-with-cache and decode, T = 1).
 //
 // Grid (ceil(T / BQ), H): one block per tile of BQ = 16 query rows of one head; 4 warps, each
 // owning ROWS = 4 of those rows. Shared memory per block (D = 128: 40 KB):
@@ -10,7 +12,10 @@
 // For each key tile and each of its rows, a warp computes 32 scores (lane j: key k0 + j),
 // folds them into the running max m, sum l and the accumulator (lane l owns output channels
 // l + 32 i), then rescales once per tile. Keys after the query (causal) or past T score -inf.
-// Inputs: the fp32 qkv buffer [T, (H + 2 KV) D] after bias and RoPE; output [T, H D] in T.
+// Inputs (fp32, after bias and RoPE): q rows of stride q_stride (head h at h D); k and v rows of
+// stride kv_stride (kv head j at j D). Output [T, H D] in T.
+#include <tuple>
+
 #include "block_reduce.cuh"
 #include "kernels.h"
 
@@ -21,20 +26,20 @@ namespace {
 constexpr int kBQ = 16, kBK = 32, kWarps = 4, kRows = kBQ / kWarps;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* qkv, int T_, int H, int KV,
-                                                                       float scale, T* out) {
+__global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, const float* k,
+                                                                       const float* v, size_t kv_stride, int T_, int pos0,
+                                                                       int H, int KV, float scale, T* out) {
   constexpr int DL = D / 32;  // output channels per lane
   __shared__ float q_s[kBQ][D];
   __shared__ float k_s[kBK][D + 1];
   __shared__ float v_s[kBK][D];
   const int h = blockIdx.y, kvh = h / (H / KV), q0 = blockIdx.x * kBQ;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const size_t width = size_t(H + 2 * KV) * D;
-  const size_t q_off = size_t(h) * D, k_off = size_t(H + kvh) * D, v_off = size_t(H + KV + kvh) * D;
+  const size_t q_off = size_t(h) * D, kv_off = size_t(kvh) * D;
 
   for (int idx = threadIdx.x; idx < kBQ * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
-    q_s[r][d] = q0 + r < T_ ? qkv[size_t(q0 + r) * width + q_off + d] * scale : 0.0f;
+    q_s[r][d] = q0 + r < T_ ? q[size_t(q0 + r) * q_stride + q_off + d] * scale : 0.0f;
   }
   float m[kRows], l[kRows], acc[kRows][DL];
 #pragma unroll
@@ -45,20 +50,20 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
     for (int i = 0; i < DL; ++i) acc[r][i] = 0.0f;
   }
 
-  const int key_end = min(T_, q0 + kBQ);  // causal: no row of this tile sees keys past its last row
+  const int key_end = pos0 + min(T_, q0 + kBQ);  // causal: no row of this tile sees keys past its last row
   for (int k0 = 0; k0 < key_end; k0 += kBK) {
     __syncthreads();  // the previous tile is no longer read
     for (int idx = threadIdx.x; idx < kBK * D; idx += blockDim.x) {
       const int j = idx / D, d = idx % D, key = k0 + j;
-      const bool valid = key < T_;
-      k_s[j][d] = valid ? qkv[size_t(key) * width + k_off + d] : 0.0f;
-      v_s[j][d] = valid ? qkv[size_t(key) * width + v_off + d] : 0.0f;
+      const bool valid = key < key_end;
+      k_s[j][d] = valid ? k[size_t(key) * kv_stride + kv_off + d] : 0.0f;
+      v_s[j][d] = valid ? v[size_t(key) * kv_stride + kv_off + d] : 0.0f;
     }
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const int row = warp * kRows + r, qi = q0 + row;
-      if (qi >= T_ || k0 > qi) continue;  // uniform across the warp
+      const int row = warp * kRows + r, qi = pos0 + q0 + row;  // absolute position of the query
+      if (q0 + row >= T_ || k0 > qi) continue;  // uniform across the warp
       const int key = k0 + lane;
       float s = -INFINITY;
       if (key <= qi) {
@@ -93,18 +98,22 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
 }  // namespace
 
 template <typename T>
-void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
+                       int pos0, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
   const dim3 grid((T_ + kBQ - 1) / kBQ, H);
+  const auto args = std::make_tuple(q, q_stride, k, v, kv_stride, T_, pos0, H, KV, scale, out);
   switch (D) {
-    case 32: attention_prefill_kernel<T, 32><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
-    case 64: attention_prefill_kernel<T, 64><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
-    case 128: attention_prefill_kernel<T, 128><<<grid, kWarps * 32, 0, s>>>(qkv, T_, H, KV, scale, out); break;
+    case 32: std::apply([&](auto... a) { attention_prefill_kernel<T, 32><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 64: std::apply([&](auto... a) { attention_prefill_kernel<T, 64><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 128: std::apply([&](auto... a) { attention_prefill_kernel<T, 128><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
     default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
   }
   TMKIT_CUDA_LAUNCHED();
 }
 
-template void attention_prefill<__half>(const float*, int, int, int, int, float, __half*, cudaStream_t);
-template void attention_prefill<__nv_bfloat16>(const float*, int, int, int, int, float, __nv_bfloat16*, cudaStream_t);
+template void attention_prefill<__half>(const float*, size_t, const float*, const float*, size_t, int, int, int, int, int,
+                                        float, __half*, cudaStream_t);
+template void attention_prefill<__nv_bfloat16>(const float*, size_t, const float*, const float*, size_t, int, int, int, int,
+                                               int, float, __nv_bfloat16*, cudaStream_t);
 
 }  // namespace tmkit::cuda

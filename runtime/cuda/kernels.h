@@ -19,9 +19,10 @@ void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float 
 
 // qkv [T, (H + 2KV) * D] in fp32: adds the bias (if any) to q, k and v, then rotates the first
 // `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by position * inv_freq[j].
+// Token t of the buffer sits at position pos0 + t.
 template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D,
-               int rot, cudaStream_t s);
+               int rot, int pos0, cudaStream_t s);
 
 // K and V heads of qkv quantized to `bits` and back, per token and kv head (../kv_quant.h).
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s);
@@ -30,10 +31,12 @@ void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStrea
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
 
-// Causal GQA attention of one sequence from the fp32 qkv buffer (after bias and RoPE) into
-// out [T, H * D]; never materializes the [T, T] scores (online softmax over key tiles).
+// Causal GQA attention of T queries at positions pos0 .. pos0 + T - 1 over keys/values 0 ..
+// pos0 + T - 1 (fp32, after bias and RoPE; q rows of stride q_stride, k/v rows of stride
+// kv_stride) into out [T, H * D]; never materializes the [T, T] scores.
 template <typename T>
-void attention_prefill(const float* qkv, int T_, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
+                       int pos0, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
 // W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
 // `partial` holds w4a16_partial_floats(M, K, N) floats. K % group == 0, N % 8 == 0, group % 128 == 0.

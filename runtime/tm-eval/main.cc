@@ -1,5 +1,8 @@
 // tm-eval: verification runtime for TurboMind workspaces. See README.md beside this file.
 #include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -9,6 +12,7 @@
 #include "gpu_model.h"
 #include "perplexity.h"
 #include "progress.h"
+#include "splitmix64.h"
 #include "tokenizer.h"
 
 namespace {
@@ -19,7 +23,9 @@ struct Options {
   std::string model, tokens, text, device = "auto", output;
   tmkit::DatasetOptions dataset;
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  int64_t n = 64, ctx = 512, chunks = 0;
+  int64_t n = 64, ctx = 512, chunks = 0, prompt = 512, gen = 128;
+  int reps = 5;
+  std::string format = "md";
   bool json = false, quiet = false, force = false, add_special = false;
   std::string kv = "fp16";
 };
@@ -109,6 +115,71 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
   return 0;
 }
 
+// llama-bench style: prompt processing (pp: one prefill of -p tokens) and token generation (tg:
+// -n single-token decode steps from an empty cache), tokens/s mean and standard deviation over -r
+// repetitions after a warm-up. Token ids are a fixed pseudo-random sequence.
+int run_bench(const Options& o) {
+  if (o.device == "cpu") tmkit::fail("tm-eval bench: runs on --device cuda (the CPU oracle has no KV cache)");
+  const tmkit::ModelWeights w = tmkit::load_workspace(o.model);
+  tmkit::KvMode kv = tmkit::KvMode::kFp16;
+  tmkit::parse_kv_mode(o.kv, &kv);
+  tmkit::GpuModel gpu(w, kv);
+  const tmkit::TmConfig& c = w.cfg;
+  std::vector<int32_t> ids(size_t(std::max(o.prompt, o.gen)));
+  tmkit::SplitMix64 rng{42};
+  for (auto& id : ids) id = int32_t(rng.below(uint64_t(c.vocab_size)));
+  uint64_t weight_bytes = 0;
+  for (const auto& e : tmkit::fs::directory_iterator(tmkit::weights_dir(o.model)))
+    if (e.path().filename() != "config.yaml") weight_bytes += tmkit::fs::file_size(e.path());
+  double params = double(w.embed.size() + w.output.size() + w.norm.size());
+  for (const auto& l : w.layers)
+    params += double(l.wq.size() + l.wk.size() + l.wv.size() + l.wo.size() + l.w1.size() + l.w3.size() + l.w2.size() +
+                     l.attn_norm.size() + l.ffn_norm.size() + l.bq.size() + l.bk.size() + l.bv.size() + l.bo.size());
+
+  auto time_it = [&](auto&& body) {
+    gpu.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    body();
+    gpu.synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  auto pp = [&] { gpu.reset(o.prompt); gpu.append(ids.data(), o.prompt); };
+  auto tg = [&] { gpu.reset(o.gen); for (int64_t i = 0; i < o.gen; ++i) gpu.append(ids.data() + i, 1); };
+  struct Row { std::string test; double mean, sd; };
+  std::vector<Row> rows;
+  for (auto [name, tokens, body] : {std::tuple{fmt::format("pp{}", o.prompt), o.prompt, std::function<void()>(pp)},
+                                    std::tuple{fmt::format("tg{}", o.gen), o.gen, std::function<void()>(tg)}}) {
+    if (tokens <= 0) continue;
+    time_it(body);  // warm-up: handles, buffers, clocks
+    std::vector<double> rate;
+    for (int r = 0; r < o.reps; ++r) rate.push_back(double(tokens) / time_it(body));
+    double mean = 0, var = 0;
+    for (double x : rate) mean += x / double(rate.size());
+    for (double x : rate) var += (x - mean) * (x - mean) / std::max<double>(1, double(rate.size()) - 1);
+    rows.push_back({name, mean, std::sqrt(var)});
+  }
+  const std::string model = fmt::format("{} {}", c.model_name.empty() ? c.model_arch : c.model_name, c.weight_type);
+  const std::string backend = "CUDA (" + gpu.device_name() + ")";
+  if (o.format == "json") {
+    nlohmann::json j = nlohmann::json::array();
+    for (const Row& r : rows)
+      j.push_back({{"model", model}, {"weight_bytes", weight_bytes}, {"params", params}, {"backend", backend},
+                   {"kv", o.kv}, {"test", r.test}, {"tokens_per_second", r.mean}, {"stddev", r.sd}, {"repetitions", o.reps}});
+    fmt::print("{}\n", j.dump(2));
+  } else if (o.format == "csv") {
+    fmt::print("model,size_gib,params_b,backend,kv,test,t_per_s,stddev\n");
+    for (const Row& r : rows)
+      fmt::print("{},{:.3f},{:.3f},{},{},{},{:.2f},{:.2f}\n", model, weight_bytes / 1073741824.0, params / 1e9, backend, o.kv,
+                 r.test, r.mean, r.sd);
+  } else {
+    fmt::print("| model | size | params | backend | kv | test | t/s |\n| --- | ---: | ---: | --- | --- | ---: | ---: |\n");
+    for (const Row& r : rows)
+      fmt::print("| {} | {:.2f} GiB | {:.2f} M | {} | {} | {} | {:.2f} ± {:.2f} |\n", model, weight_bytes / 1073741824.0,
+                 params / 1e6, backend, o.kv, r.test, r.mean, r.sd);
+  }
+  return 0;
+}
+
 int run_tokenize(const Options& o) {
   const auto tok = tmkit::load_tokenizer(o.model);
   const auto ids = o.add_special ? tok->encode(tmkit::join_documents(tmkit::load_documents(o.text, o.dataset)), true)
@@ -146,6 +217,15 @@ int main(int argc, char** argv) {
   ppl->add_flag("--json", o.json, "print a JSON report on stdout");
   ppl->add_flag("-q,--quiet", o.quiet, "no progress on stderr");
 
+  CLI::App* bench = app.add_subcommand("bench", "llama-bench style speed: prompt processing (pp) and token generation (tg)");
+  bench->add_option("-m,--model", o.model, "TurboMind workspace folder")->required();
+  bench->add_option("-p,--n-prompt", o.prompt, "prompt tokens for pp (0: skip)")->check(CLI::Range(0, 1 << 20));
+  bench->add_option("-n,--n-gen", o.gen, "generated tokens for tg (0: skip)")->check(CLI::Range(0, 1 << 20));
+  bench->add_option("-r,--repetitions", o.reps, "repetitions (mean and standard deviation)")->check(CLI::Range(1, 1000));
+  bench->add_option("-o,--output", o.format, "md, csv or json")->check(CLI::IsMember({"md", "csv", "json"}));
+  bench->add_option("--device", o.device, "cuda (auto picks it when present)")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  bench->add_option("--kv", o.kv, "KV cache: fp16, int8 or int4")->check(CLI::IsMember({"fp16", "int8", "int4"}));
+
   CLI::App* tokenize = app.add_subcommand("tokenize", "text -> int32 token ids with the model's own tokenizer");
   tokenize->add_option("-m,--model", o.model, "HF model folder, workspace, or tokenizer.json / tokenizer.model")->required();
   tokenize->add_option("-f,--file", o.text, "text: a file, a folder of .txt files, or .jsonl (documents joined by a blank line)")->required();
@@ -167,6 +247,7 @@ int main(int argc, char** argv) {
     if (logits->parsed()) return run_logits(o);
     if (ppl->parsed()) return run_ppl(o, progress);
     if (tokenize->parsed()) return run_tokenize(o);
+    if (bench->parsed()) return run_bench(o);
     return run_detokenize(o);
   } catch (const std::exception& e) {
     progress.finish();
