@@ -65,14 +65,14 @@ struct W4Linear {
 
   // `partial` and `dense` are scratch, grown as needed.
   void run(cublasHandle_t blas, const __half* x, int M, float* y, DeviceBuffer<float>& partial,
-           DeviceBuffer<__half>& dense) const {
+           DeviceBuffer<__half>& dense, cudaStream_t st = nullptr) const {
     if (M <= 16) {
       partial.resize(cuda::w4a16_partial_floats(M, K, N));
-      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, nullptr);
+      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, st);
       return;
     }
     dense.resize(size_t(K) * N);
-    cuda::w4_dequant(q.get(), s.get(), z.get(), K, N, group, dense.get(), nullptr);
+    cuda::w4_dequant(q.get(), s.get(), z.get(), K, N, group, dense.get(), st);
     const float one = 1.0f, zero = 0.0f;
     TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
                                     K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -136,11 +136,22 @@ struct ImplT final : GpuModel::Impl {
   DeviceBuffer<T> h, attn, act;
   DeviceBuffer<float> k_cache, v_cache;  // [layers][capacity][KV * D], fp32 (K after RoPE, as attention reads it)
   int64_t capacity = 0;
+  // Decode steps are replayed from one CUDA graph (a step is ~10 launches per layer, so small and
+  // medium models are launch-bound otherwise); the position it runs at is read from pos_d.
+  cudaStream_t stream = nullptr;
+  DeviceBuffer<int> pos_d{1};
+  DeviceBuffer<char> blas_workspace{32u << 20};
+  cudaGraphExec_t decode_graph = nullptr;
+  float rope_scaling = 1.0f;
 
   void reset(int64_t cap) override {
     const size_t row = size_t(cfg.kv_head_num * cfg.size_per_head);
     k_cache.resize(size_t(cfg.num_layer) * size_t(cap) * row);
     v_cache.resize(k_cache.size());
+    if (decode_graph && cap != capacity) {  // the graph holds the old cache addresses and layout
+      cudaGraphExecDestroy(decode_graph);
+      decode_graph = nullptr;
+    }
     capacity = cap;
     cached = 0;
   }
@@ -174,9 +185,15 @@ struct ImplT final : GpuModel::Impl {
       layers.push_back(std::move(l));
     }
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
+    TMKIT_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: plain cudaMemcpy calls still order after its work
+    TMKIT_CUBLAS_CHECK(cublasSetStream(blas, stream));
+    // A fixed workspace: cuBLAS must not allocate while a graph is being captured.
+    TMKIT_CUBLAS_CHECK(cublasSetWorkspace(blas, blas_workspace.get(), blas_workspace.size()));
   }
   ~ImplT() override {
+    if (decode_graph) cudaGraphExecDestroy(decode_graph);
     if (blas) cublasDestroy(blas);
+    if (stream) cudaStreamDestroy(stream);
   }
 
   // Y[M, N] (fp32) = X[M, K] * W[K, N], all row-major (cuBLAS sees the transposes, column-major).
@@ -193,37 +210,79 @@ struct ImplT final : GpuModel::Impl {
   DeviceBuffer<__half> w4_dense;
   void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, float* Y, int M, int K, int N) {
     if (!W4) return gemm(X, W.get(), Y, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_partial, w4_dense);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_partial, w4_dense, stream);
     else fail("int4 workspaces run with fp16 activations");
   }
 
-  void run(const int32_t* tokens, int64_t T64, bool use_cache) override {
-    const int T_ = int(T64), hid = int(cfg.hidden_units), H = int(cfg.head_num), KV = int(cfg.kv_head_num);
+  // Buffers for T tokens and the RoPE table for sequences of `seq_len` (graph capture needs both
+  // ready: nothing may be allocated while capturing).
+  void prepare(int T_, int64_t seq_len) {
+    const int hid = int(cfg.hidden_units), H = int(cfg.head_num), KV = int(cfg.kv_head_num);
     const int D = int(cfg.size_per_head), V = int(cfg.vocab_size), qkv_w = (H + 2 * KV) * D;
     int inter = 0;
     for (int64_t i : cfg.inter_size) inter = std::max(inter, int(i));
-    ids_d.resize(size_t(T_));
-    x.resize(size_t(T_) * hid);
-    delta.resize(size_t(T_) * hid);
-    qkv.resize(size_t(T_) * qkv_w);
-    gu.resize(size_t(T_) * 2 * inter);
-    logits_d.resize(size_t(T_) * V);
-    nll.resize(size_t(T_));
-    h.resize(size_t(T_) * hid);
-    attn.resize(size_t(T_) * H * D);
-    act.resize(size_t(T_) * inter);
+    bool moved = ids_d.resize(size_t(T_));
+    moved |= x.resize(size_t(T_) * hid);
+    moved |= delta.resize(size_t(T_) * hid);
+    moved |= qkv.resize(size_t(T_) * qkv_w);
+    moved |= gu.resize(size_t(T_) * 2 * inter);
+    moved |= logits_d.resize(size_t(T_) * V);
+    moved |= nll.resize(size_t(T_));
+    moved |= h.resize(size_t(T_) * hid);
+    moved |= attn.resize(size_t(T_) * H * D);
+    moved |= act.resize(size_t(T_) * inter);
+    if (T_ <= 16)
+      for (const Layer& l : layers)
+        for (const auto* w : {&l.qkv4, &l.wo4, &l.w13_4, &l.w2_4})
+          if (*w) moved |= w4_partial.resize(cuda::w4a16_partial_floats(T_, (*w)->K, (*w)->N));
+    if (moved && decode_graph) {  // the graph holds the old addresses
+      cudaGraphExecDestroy(decode_graph);
+      decode_graph = nullptr;
+    }
+    const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, seq_len);
+    inv_freq.resize(rt.inv_freq.size());
+    TMKIT_CUDA_CHECK(cudaMemcpy(inv_freq.get(), rt.inv_freq.data(), rt.inv_freq.size() * 4, cudaMemcpyHostToDevice));
+    rope_scaling = rt.attention_scaling;
+  }
+
+  void run(const int32_t* tokens, int64_t T64, bool use_cache) override {
+    const int T_ = int(T64), V = int(cfg.vocab_size);
     for (int t = 0; t < T_; ++t)
       if (tokens[t] < 0 || tokens[t] >= V) fail("token id {} at position {} is outside the vocabulary [0, {})", tokens[t], t, V);
-    TMKIT_CUDA_CHECK(cudaMemcpy(ids_d.get(), tokens, size_t(T_) * 4, cudaMemcpyHostToDevice));
     const int pos0 = use_cache ? int(cached) : 0;
     if (use_cache && cached + T64 > capacity)
       fail("KV cache: {} cached + {} new tokens exceed the capacity {} given to reset()", cached, T64, capacity);
-    const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, pos0 + T64);
-    inv_freq.resize(rt.inv_freq.size());
-    TMKIT_CUDA_CHECK(cudaMemcpy(inv_freq.get(), rt.inv_freq.data(), rt.inv_freq.size() * 4, cudaMemcpyHostToDevice));
+    // Decode steps replay one graph, unless the rotary table depends on the length (dynamic NTK).
+    const bool graph = use_cache && T_ == 1 && cfg.rope().type != "dynamic";
+    if (graph && !decode_graph) {
+      prepare(1, capacity);
+      cudaGraph_t g;
+      TMKIT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      enqueue(1, 0, pos_d.get(), true);
+      TMKIT_CUDA_CHECK(cudaStreamEndCapture(stream, &g));
+      TMKIT_CUDA_CHECK(cudaGraphInstantiate(&decode_graph, g, 0));
+      cudaGraphDestroy(g);
+    }
+    if (!graph) prepare(T_, pos0 + T64);
+    TMKIT_CUDA_CHECK(cudaMemcpyAsync(ids_d.get(), tokens, size_t(T_) * 4, cudaMemcpyHostToDevice, stream));
+    if (graph) {
+      TMKIT_CUDA_CHECK(cudaMemcpyAsync(pos_d.get(), &pos0, 4, cudaMemcpyHostToDevice, stream));
+      TMKIT_CUDA_CHECK(cudaGraphLaunch(decode_graph, stream));
+    } else {
+      enqueue(T_, pos0, nullptr, use_cache);
+    }
+    TMKIT_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host values copied above must outlive the copies
+    last_T = T64;
+    if (use_cache) cached += T64;
+  }
+
+  // The forward pass of T tokens at positions pos0.. (or *pos_dev..), as kernels on `stream`.
+  void enqueue(int T_, int pos0, const int* pos_dev, bool use_cache) {
+    const int hid = int(cfg.hidden_units), H = int(cfg.head_num), KV = int(cfg.kv_head_num);
+    const int D = int(cfg.size_per_head), V = int(cfg.vocab_size), qkv_w = (H + 2 * KV) * D;
     const float eps = float(cfg.norm_eps);
     const float scale = cfg.softmax_scale > 0 ? float(cfg.softmax_scale) : 1.0f / std::sqrt(float(D));
-    const cudaStream_t s = nullptr;
+    const cudaStream_t s = stream;
 
     cuda::embedding<T>(ids_d.get(), T_, embed.get(), hid, x.get(), s);
     for (size_t li = 0; li < layers.size(); ++li) {
@@ -231,22 +290,18 @@ struct ImplT final : GpuModel::Impl {
       const int I = int(cfg.inter_size[li]);
       cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, T_, hid, h.get(), s);
       linear(h.get(), l.wqkv, l.qkv4, qkv.get(), T_, hid, qkv_w);
-      cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rt.attention_scaling, T_, H,
-                         KV, D, int(cfg.rotary_embedding), pos0, s);
+      cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rope_scaling, T_, H, KV, D,
+                         int(cfg.rotary_embedding), pos0, pos_dev, s);
       if (kv != KvMode::kFp16) cuda::kv_fake_quant(qkv.get(), T_, H, KV, D, int(kv), s);
       const size_t row = size_t(KV) * D;
       if (use_cache) {  // append this chunk's K and V rows to the layer's cache, then attend over the cache
-        float* kc = k_cache.get() + (li * size_t(capacity) + size_t(pos0)) * row;
-        float* vc = v_cache.get() + (li * size_t(capacity) + size_t(pos0)) * row;
-        TMKIT_CUDA_CHECK(cudaMemcpy2DAsync(kc, row * 4, qkv.get() + size_t(H) * D, size_t(qkv_w) * 4, row * 4, size_t(T_),
-                                           cudaMemcpyDeviceToDevice, s));
-        TMKIT_CUDA_CHECK(cudaMemcpy2DAsync(vc, row * 4, qkv.get() + size_t(H + KV) * D, size_t(qkv_w) * 4, row * 4,
-                                           size_t(T_), cudaMemcpyDeviceToDevice, s));
-        cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), k_cache.get() + li * size_t(capacity) * row,
-                                   v_cache.get() + li * size_t(capacity) * row, row, T_, pos0, H, KV, D, scale, attn.get(), s);
+        float* kc = k_cache.get() + li * size_t(capacity) * row;
+        float* vc = v_cache.get() + li * size_t(capacity) * row;
+        cuda::kv_append(qkv.get(), T_, H, KV, D, pos0, pos_dev, kc, vc, s);
+        cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), kc, vc, row, T_, pos0, pos_dev, H, KV, D, scale, attn.get(), s);
       } else {
         cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), qkv.get() + size_t(H) * D, qkv.get() + size_t(H + KV) * D,
-                                   size_t(qkv_w), T_, 0, H, KV, D, scale, attn.get(), s);
+                                   size_t(qkv_w), T_, 0, nullptr, H, KV, D, scale, attn.get(), s);
       }
       linear(attn.get(), l.wo, l.wo4, delta.get(), T_, H * D, hid);
       cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, T_, hid,
@@ -257,8 +312,6 @@ struct ImplT final : GpuModel::Impl {
     }
     cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, T_, hid, h.get(), s);
     gemm(h.get(), output.get(), logits_d.get(), T_, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
-    last_T = T64;
-    if (use_cache) cached += T64;
   }
   const float* logits() const override { return logits_d.get(); }
   const int32_t* ids() const override { return ids_d.get(); }

@@ -28,7 +28,8 @@ constexpr int kBQ = 16, kBK = 32, kWarps = 4, kRows = kBQ / kWarps;
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, const float* k,
                                                                        const float* v, size_t kv_stride, int T_, int pos0,
-                                                                       int H, int KV, float scale, T* out) {
+                                                                       const int* pos_dev, int H, int KV, float scale, T* out) {
+  if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
   constexpr int DL = D / 32;  // output channels per lane
   __shared__ float q_s[kBQ][D];
   __shared__ float k_s[kBK][D + 1];
@@ -99,9 +100,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
 
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
-                       int pos0, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+                       int pos0, const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
   const dim3 grid((T_ + kBQ - 1) / kBQ, H);
-  const auto args = std::make_tuple(q, q_stride, k, v, kv_stride, T_, pos0, H, KV, scale, out);
+  const auto args = std::make_tuple(q, q_stride, k, v, kv_stride, T_, pos0, pos_dev, H, KV, scale, out);
   switch (D) {
     case 32: std::apply([&](auto... a) { attention_prefill_kernel<T, 32><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
     case 64: std::apply([&](auto... a) { attention_prefill_kernel<T, 64><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
@@ -111,9 +112,26 @@ void attention_prefill(const float* q, size_t q_stride, const float* k, const fl
   TMKIT_CUDA_LAUNCHED();
 }
 
-template void attention_prefill<__half>(const float*, size_t, const float*, const float*, size_t, int, int, int, int, int,
-                                        float, __half*, cudaStream_t);
-template void attention_prefill<__nv_bfloat16>(const float*, size_t, const float*, const float*, size_t, int, int, int, int,
-                                               int, float, __nv_bfloat16*, cudaStream_t);
+template void attention_prefill<__half>(const float*, size_t, const float*, const float*, size_t, int, int, const int*, int,
+                                        int, int, float, __half*, cudaStream_t);
+template void attention_prefill<__nv_bfloat16>(const float*, size_t, const float*, const float*, size_t, int, int,
+                                               const int*, int, int, int, float, __nv_bfloat16*, cudaStream_t);
+
+// Copies the K and V rows of qkv [T, (H + 2 KV) D] to rows pos .. pos + T - 1 of the caches [*, KV D].
+__global__ void kv_append_kernel(const float* qkv, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
+                                 float* v_cache) {
+  const int pos = (pos_dev ? *pos_dev : pos0) + int(blockIdx.x), row = KV * D;
+  const float* src = qkv + size_t(blockIdx.x) * (H + 2 * KV) * D + size_t(H) * D;
+  for (int c = threadIdx.x; c < row; c += blockDim.x) {
+    k_cache[size_t(pos) * row + c] = src[c];
+    v_cache[size_t(pos) * row + c] = src[row + c];
+  }
+}
+
+void kv_append(const float* qkv, int T_, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
+               float* v_cache, cudaStream_t s) {
+  kv_append_kernel<<<T_, 256, 0, s>>>(qkv, H, KV, D, pos0, pos_dev, k_cache, v_cache);
+  TMKIT_CUDA_LAUNCHED();
+}
 
 }  // namespace tmkit::cuda

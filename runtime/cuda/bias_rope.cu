@@ -9,10 +9,10 @@ namespace tmkit::cuda {
 
 template <typename T>
 __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int H, int KV,
-                                 int D, int rot, int pos0) {
+                                 int D, int rot, int pos0, const int* pos_dev) {
   const int width = (H + 2 * KV) * D;
   float* row = qkv + size_t(blockIdx.x) * width;
-  const float pos = float(pos0 + int(blockIdx.x));
+  const float pos = float((pos_dev ? *pos_dev : pos0) + int(blockIdx.x));
   for (int p = threadIdx.x; p < width / 2; p += blockDim.x) {
     const int c = 2 * p;
     float a = row[c], b = row[c + 1];
@@ -37,13 +37,14 @@ __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_fre
 
 template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D, int rot,
-               int pos0, cudaStream_t s) {
-  bias_rope_kernel<<<T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, pos0);
+               int pos0, const int* pos_dev, cudaStream_t s) {
+  bias_rope_kernel<<<T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, pos0, pos_dev);
   TMKIT_CUDA_LAUNCHED();
 }
 
-template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, int, cudaStream_t);
+template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, int, const int*,
+                                cudaStream_t);
 template void bias_rope<__nv_bfloat16>(float*, const __nv_bfloat16*, const float*, float, int, int, int, int, int, int,
-                                       cudaStream_t);
+                                       const int*, cudaStream_t);
 
 }  // namespace tmkit::cuda

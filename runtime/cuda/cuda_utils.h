@@ -42,13 +42,15 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
-  void resize(size_t n) {  // contents are not kept
-    if (n <= n_) return;
+  // Grows to at least n elements (contents are not kept); true when the memory moved.
+  bool resize(size_t n) {
+    if (n <= n_) return false;
     cudaFree(ptr_);
     ptr_ = nullptr;
     n_ = 0;
     TMKIT_CUDA_CHECK(cudaMalloc(&ptr_, n * sizeof(T)));
     n_ = n;
+    return true;
   }
   T* get() const { return ptr_; }
   size_t size() const { return n_; }

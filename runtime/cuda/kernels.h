@@ -20,9 +20,10 @@ void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float 
 // qkv [T, (H + 2KV) * D] in fp32: adds the bias (if any) to q, k and v, then rotates the first
 // `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by position * inv_freq[j].
 // Token t of the buffer sits at position pos0 + t.
+// pos_dev, when given, holds pos0 in device memory (for CUDA graphs replayed at every position).
 template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D,
-               int rot, int pos0, cudaStream_t s);
+               int rot, int pos0, const int* pos_dev, cudaStream_t s);
 
 // K and V heads of qkv quantized to `bits` and back, per token and kv head (../kv_quant.h).
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s);
@@ -36,7 +37,11 @@ void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
 // kv_stride) into out [T, H * D]; never materializes the [T, T] scores.
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
-                       int pos0, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+                       int pos0, const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+
+// K and V rows of qkv [T, (H + 2 KV) D] into rows pos0 .. pos0 + T - 1 of the caches [*, KV D].
+void kv_append(const float* qkv, int T_, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
+               float* v_cache, cudaStream_t s);
 
 // W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
 // `partial` holds w4a16_partial_floats(M, K, N) floats. K % group == 0, N % 8 == 0, group % 128 == 0.
