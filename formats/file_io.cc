@@ -172,6 +172,8 @@ AtomicOutputFile::~AtomicOutputFile() {
 }
 
 void AtomicOutputFile::commit() {
+  if (!overwrite_ && fs::exists(fs::symlink_status(dest_)))  // it may have appeared while we wrote
+    fail("{}: output exists (use --force to replace it)", dest_.string());
   std::error_code ec;
   fs::rename(tmp_, dest_, ec);
   if (ec) fail("{}: cannot rename {} into place: {}", dest_.string(), tmp_.string(), ec.message());
