@@ -12,6 +12,7 @@
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels.h"
 #include "rope.h"
+#include "w4a16_linear.h"
 
 namespace tmkit {
 
@@ -48,54 +49,7 @@ Mat hcat(std::initializer_list<const Mat*> parts) {
   return out;
 }
 
-// An int4 linear on the device, and its product with fp16 activations (fp32 out).
-struct W4Linear {
-  DeviceBuffer<int32_t> q;
-  DeviceBuffer<__half> s, z;
-  int K = 0, N = 0, group = 0;
-
-  explicit W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), group(int(w.group)) {
-    q.resize(w.qweight.size());
-    s.resize(w.scales.size());
-    z.resize(w.zeros.size());
-    TMKIT_CUDA_CHECK(cudaMemcpy(q.get(), w.qweight.data(), w.qweight.size() * 4, cudaMemcpyHostToDevice));
-    TMKIT_CUDA_CHECK(cudaMemcpy(s.get(), w.scales.data(), w.scales.size() * 2, cudaMemcpyHostToDevice));
-    TMKIT_CUDA_CHECK(cudaMemcpy(z.get(), w.zeros.data(), w.zeros.size() * 2, cudaMemcpyHostToDevice));
-  }
-
-  // `partial` and `dense` are scratch, grown as needed.
-  void run(cublasHandle_t blas, const __half* x, int M, float* y, DeviceBuffer<float>& partial,
-           DeviceBuffer<__half>& dense, cudaStream_t st = nullptr) const {
-    if (M <= 16) {
-      partial.resize(cuda::w4a16_partial_floats(M, K, N));
-      cuda::w4a16_gemv(x, M, K, N, q.get(), s.get(), z.get(), group, partial.get(), y, st);
-      return;
-    }
-    dense.resize(size_t(K) * N);
-    cuda::w4_dequant(q.get(), s.get(), z.get(), K, N, group, dense.get(), st);
-    const float one = 1.0f, zero = 0.0f;
-    TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
-                                    K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  }
-};
-
 }  // namespace
-
-std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M) {
-  if (int64_t(x.size()) != M * w.K) fail("gpu_w4a16_matmul: x has {} values, expected {}", x.size(), M * w.K);
-  const W4Linear d(w);
-  DeviceBuffer<__half> xd(x.size()), dense;
-  DeviceBuffer<float> y(size_t(M) * w.N), partial;
-  TMKIT_CUDA_CHECK(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
-  cublasHandle_t blas = nullptr;
-  TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
-  d.run(blas, xd.get(), M, y.get(), partial, dense);
-  std::vector<float> out(size_t(M) * w.N);
-  const cudaError_t err = cudaMemcpy(out.data(), y.get(), out.size() * 4, cudaMemcpyDeviceToHost);
-  cublasDestroy(blas);
-  TMKIT_CUDA_CHECK(err);
-  return out;
-}
 
 void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits) {
   DeviceBuffer<float> d(qkv.size());
@@ -206,11 +160,10 @@ struct ImplT final : GpuModel::Impl {
   }
 
   // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
-  DeviceBuffer<float> w4_partial;
   DeviceBuffer<__half> w4_dense;
   void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, float* Y, int M, int K, int N) {
     if (!W4) return gemm(X, W.get(), Y, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_partial, w4_dense, stream);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_dense, stream);
     else fail("int4 workspaces run with fp16 activations");
   }
 
@@ -231,10 +184,6 @@ struct ImplT final : GpuModel::Impl {
     moved |= h.resize(size_t(T_) * hid);
     moved |= attn.resize(size_t(T_) * H * D);
     moved |= act.resize(size_t(T_) * inter);
-    if (T_ <= 16)
-      for (const Layer& l : layers)
-        for (const auto* w : {&l.qkv4, &l.wo4, &l.w13_4, &l.w2_4})
-          if (*w) moved |= w4_partial.resize(cuda::w4a16_partial_floats(T_, (*w)->K, (*w)->N));
     if (moved && decode_graph) {  // the graph holds the old addresses
       cudaGraphExecDestroy(decode_graph);
       decode_graph = nullptr;

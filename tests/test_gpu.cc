@@ -113,7 +113,7 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
     for (float& v : w) v = 0.05f * uniform();
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
     const std::vector<float> dq = dequantize(q);
-    for (int M : {1, 3, 16, 128, 2048}) {
+    for (int M : {1, 3, 8, 9, 16, 17, 33, 100, 128, 2048}) {  // every row tiling of the kernel, and the dense path
       std::vector<uint16_t> x(size_t(M) * K);
       for (auto& v : x) v = float_to_half(uniform());
       const std::vector<float> y = gpu_w4a16_matmul(q, x, M);
@@ -130,6 +130,30 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
       EXPECT_LE(rel, 1e-3) << K << "x" << N << " M=" << M;
     }
   }
+}
+
+// Zero points that are not integers 0..15 (legal in the format, never written by AWQ or RTN) take
+// the dequantizing path and still give the dequantized product.
+TEST(GpuW4A16, NonIntegerZerosStillExact) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  SplitMix64 rng{777};
+  const int K = 256, N = 64;
+  std::vector<float> w(size_t(K) * N);
+  for (float& v : w) v = 0.05f * float(rng.symmetric());
+  Int4Linear q = quantize_rtn(w.data(), K, N, 128);
+  q.zeros[3] = float_to_half(7.5f);
+  const std::vector<float> dq = dequantize(q);
+  std::vector<uint16_t> x(static_cast<size_t>(K));
+  for (auto& v : x) v = float_to_half(float(rng.symmetric()));
+  const std::vector<float> y = gpu_w4a16_matmul(q, x, 1);
+  double num = 0, den = 0;
+  for (int n = 0; n < N; ++n) {
+    double ref = 0;
+    for (int k = 0; k < K; ++k) ref += double(half_to_float(x[size_t(k)])) * dq[size_t(k) * N + n];
+    num += (y[size_t(n)] - ref) * (y[size_t(n)] - ref);
+    den += ref * ref;
+  }
+  EXPECT_LE(std::sqrt(num / den), 1e-3);
 }
 
 // small-llama RTN w4g128: GPU (W4A16) ppl equals the CPU oracle's on the same int4 workspace

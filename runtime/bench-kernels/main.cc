@@ -1,6 +1,6 @@
 // bench-kernels: W4A16 against the bandwidth ceiling and cuBLAS fp16, measured in one run.
 //   ceiling  a device-to-device copy (bytes read + written per second)
-//   W4A16    tmkit's int4 product (GEMV kernel for M <= 16, dequant + cuBLAS beyond)
+//   W4A16    tmkit's int4 product (the tensor-core kernel of w4a16_mma.cu, M <= 128)
 //   cuBLAS   the same product with dense fp16 weights
 // Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
 // events; median of the repetitions. See README.md beside this file.
@@ -97,7 +97,7 @@ void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: 
 
 int main(int argc, char** argv) {
   int reps = 50;
-  std::vector<int> ms = {1, 4, 16, 128};
+  std::vector<int> ms = {1, 4, 16, 32, 128};
   CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
   app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
   app.add_option("-m,--batch", ms, "rows of the activation matrix");
@@ -117,12 +117,12 @@ int main(int argc, char** argv) {
     cublasHandle_t blas;
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
-    std::printf("| K x N | M | W4A16 us (v0 / v1) | W4A16 GB/s | %% of copy | cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|\n");
+    std::printf("| K x N | M | W4A16 us (8 / 16 cols) | W4A16 GB/s | %% of copy | cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|\n");
     const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
       const int copies = int(std::max<size_t>(2, 3 * l2 / w4_bytes + 1)), dense_copies = int(std::max<size_t>(2, 3 * l2 / dense_bytes + 1));
-      std::vector<DeviceBuffer<int32_t>> qw(static_cast<size_t>(copies));
+      std::vector<DeviceBuffer<uint32_t>> qw(static_cast<size_t>(copies));
       std::vector<DeviceBuffer<__half>> sc(static_cast<size_t>(copies)), zr(static_cast<size_t>(copies)),
           dense(static_cast<size_t>(dense_copies));
       for (int c = 0; c < copies; ++c) {
@@ -132,23 +132,15 @@ int main(int argc, char** argv) {
       }
       for (int c = 0; c < dense_copies; ++c) fill_random(dense[size_t(c)], size_t(K) * N, uint32_t(c + 3));
       for (int M : ms) {
-        DeviceBuffer<__half> x, scratch(size_t(K) * N);
+        DeviceBuffer<__half> x;
         fill_random(x, size_t(M) * K, 5);
-        DeviceBuffer<float> y(size_t(M) * N), partial(tmkit::cuda::w4a16_partial_floats(M, K, N));
+        DeviceBuffer<float> y(size_t(M) * N);
         const float one = 1.0f, zero = 0.0f;
         double w4_variant_ms[2] = {};
         for (int variant = 0; variant < 2; ++variant)
           w4_variant_ms[variant] = median_ms(reps, [&](int i, cudaStream_t st) {
             const size_t c = size_t(i % copies);
-            if (M <= 16) {
-              tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), 128, partial.get(), y.get(), st,
-                                      variant);
-            } else {
-              tmkit::cuda::w4_dequant(qw[c].get(), sc[c].get(), zr[c].get(), K, N, 128, scratch.get(), st);
-              cublasSetStream(blas, st);
-              cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F, K,
-                           &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-            }
+            tmkit::cuda::w4a16_mma(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), y.get(), st, variant);
           });
         const double w4_ms = std::min(w4_variant_ms[0], w4_variant_ms[1]);
         const double blas_ms = median_ms(reps, [&](int i, cudaStream_t st) {

@@ -43,15 +43,16 @@ void attention_prefill(const float* q, size_t q_stride, const float* k, const fl
 void kv_append(const float* qkv, int T_, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
                float* v_cache, cudaStream_t s);
 
-// W4A16 for M <= 16 rows: y[M, N] (fp32) = x[M, K] * dequant(qw, scales, zeros), group 128.
-// `partial` holds w4a16_partial_floats(M, K, N) floats. K % group == 0, N % 8 == 0, group % 128 == 0.
-// `variant` picks the block shape (see w4a16_gemm.cu); 0 is the default.
-size_t w4a16_partial_floats(int M, int K, int N);
-void w4a16_gemv(const __half* x, int M, int K, int N, const int32_t* qw, const __half* scales, const __half* zeros,
-                int group, float* partial, float* y, cudaStream_t s, int variant = 0);
-// Dequantizes an int4 linear into fp16 w[K, N] (for the dense GEMM of long inputs).
-void w4_dequant(const int32_t* qw, const __half* scales, const __half* zeros, int K, int N, int group, __half* w,
-                cudaStream_t s);
+// W4A16 on tensor cores for M <= 128 rows (w4a16_mma.cu, which explains the packed layout):
+// y[M, N] (fp32) = x[M, K] (fp16) * W, W packed by w4_pack with fp16 scales and integer zeros
+// [K/128, N]. K % 128 == 0, N % 8 == 0. `variant` picks the column tiles per block (0: 8, 1: 16).
+void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+               float* y, cudaStream_t s, int variant = 0);
+// TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
+void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
+// The packed int4 linear as dense fp16 w[K, N] (for the dense GEMM of long inputs).
+void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __half* zeros, int K, int N, __half* w,
+                       cudaStream_t s);
 
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);

@@ -1,0 +1,270 @@
+// W4A16 on tensor cores: Y[M, N] (fp32) = X[M, K] (fp16) * W[K, N], W int4 with group 128, for
+// M <= 128 (decode and small batches; longer inputs dequantize and use cuBLAS).
+//
+// Why tensor cores for a GEMV: at M = 1 the work is memory-bound, but an int4 weight streams at
+// ~8.5e12 weights/s on an H200 against ~3.3e13 thread-instructions/s, so the kernel may spend
+// < 4 instructions per weight. mma.sync m16n8k16 does the multiply-adds of 128 weights in one
+// instruction (15/16 of it idle at M = 1, which costs nothing), leaving the dequantization:
+// 1 lop3 + 1 fp16 sub/fma per 2 weights, with exact fp32 accumulation.
+//
+// Packed layout (built once by w4_pack from TurboMind's v0.6 qweight; see ../w4a16_linear.h).
+// One "unit" = 8 output columns x one group of 128 input rows = 512 bytes = 32 uint4, one per
+// lane of a warp:
+//   packed[(tile * (K / 128) + group) * 32 + lane]   tile = n / 8, lane = 4 * (n % 8) + c
+// Lane (col, c) holds column n's 32 weights k = 32c .. 32c + 31 of the group: word j (of 4) holds
+// k = 32c + 8j + e, e = 0..7, at nibble [0, 4, 1, 5, 2, 6, 3, 7][e].
+// Why that order: mma's B fragment gives lane (col = lane / 4, c = lane % 4) the k-pairs
+// {2c, 2c+1} and {2c+8, 2c+9} of each 16-row tile. The reduction does not care which physical
+// row plays which k of the tile, as long as A (x) and B (W) agree, so the kernel maps tile t's
+// four k of lane c to the physical rows 32c + 4t .. 32c + 4t + 3: a lane then reads its x values
+// as 4 contiguous uint4 per group and its weights as one uint4. Inside a word, nibbles 0 and 4
+// land in the two halves of one half2 by one lop3 with 0x000f000f (| 0x6400 = 1024 + q), nibbles
+// 1 and 5 with 0x00f000f0 (1024 + 16q); a shift by 8 brings 2, 6 and 3, 7: four half2 per word,
+// = b0, b1 of two consecutive k-tiles.
+// Dequantization: (1024 + q) - (1024 + z) and (1024 + 16q) / 16 - (64 + z) give q - z exactly
+// for integer zeros 0..15 (W4Linear checks; other zeros take the dequantizing path). The scale
+// is applied per group in fp32 to the group's mma accumulators, so nothing here rounds a weight:
+// the result is the exact product up to fp32 summation order.
+//
+// Work split: a block owns NT 8-column tiles and MT m16 tiles of rows; its 8 warps split K
+// (warp w takes groups w, w + 8, ...), each streaming its units with the next group's loads in
+// flight, and meet once in shared memory (in warp order: deterministic). x comes straight from
+// global memory (read-only path, L1-resident: at most 128 rows), weights bypass L1.
+#include "kernels.h"
+
+namespace tmkit::cuda {
+
+namespace {
+
+constexpr int kWarps = 8, kGroup = 128;
+
+__device__ inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));  // (a & b) | c
+  return d;
+}
+
+__device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep it in L1
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ inline uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ inline __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// One group's loads for one 8-column tile: the lane's 32 codes, its column's zero, and the
+// scales of the two columns its accumulators hold (2c, 2c + 1).
+struct Unit {
+  uint4 q;
+  __half z;
+  __half2 s;
+};
+
+// MT m16 row tiles (rows16: rows g + 8 of each tile exist, i.e. M > 8), NT column tiles, P groups
+// of loads in flight per warp.
+template <int MT, bool kRows16, int NT, int P>
+__global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __restrict__ x, int M, int K, int N,
+                                                               const uint4* __restrict__ packed,
+                                                               const __half* __restrict__ scales,
+                                                               const __half* __restrict__ zeros, float* __restrict__ y) {
+  constexpr int kRegs = MT * NT * 4;
+  __shared__ float red[kWarps][kRegs][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  const int groups = K / kGroup, m0 = blockIdx.x * 16 * MT, tile0 = blockIdx.y * NT;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
+
+  auto load_units = [&](int grp, Unit (&u)[NT]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int tile = tile0 + nt;
+      u[nt].q = load_stream(packed + (size_t(tile) * groups + grp) * 32 + lane);
+      u[nt].z = zeros[size_t(grp) * N + tile * 8 + g];
+      u[nt].s = *reinterpret_cast<const __half2*>(scales + size_t(grp) * N + tile * 8 + 2 * c);
+    }
+  };
+
+  // P groups' weights in flight per warp: slot i holds group base + i * kWarps; consuming a slot
+  // refills it with the group P steps ahead.
+  Unit buf[P][NT];
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    if (warp + i * kWarps < groups) load_units(warp + i * kWarps, buf[i]);
+  for (int base = warp; base < groups; base += P * kWarps) {
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int grp = base + i * kWarps;
+    if (grp >= groups) break;  // uniform across the warp
+    Unit cur[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) cur[nt] = buf[i][nt];
+    if (grp + P * kWarps < groups) load_units(grp + P * kWarps, buf[i]);
+
+    // The lane's x values: rows g and g + 8 of each m-tile, physical k = 32c .. 32c + 31.
+    uint4 a[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 16 * mt + g + 8 * h;
+        const bool live = (h == 0 || kRows16) && row < M;
+        const uint4* src = reinterpret_cast<const uint4*>(x + size_t(live ? row : 0) * K + grp * kGroup + 32 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[mt][h][j] = live ? __ldg(src + j) : make_uint4(0, 0, 0, 0);
+      }
+
+    float gacc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) gacc[mt][nt][r] = 0.0f;
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const __half2 zlo = __half2half2(__hadd(cur[nt].z, __float2half(1024.0f)));
+      const __half2 zhi = __half2half2(__hneg(__hadd(cur[nt].z, __float2half(64.0f))));
+      const __half2 sixteenth = __float2half2_rn(0.0625f);
+      const uint32_t words[4] = {cur[nt].q.x, cur[nt].q.y, cur[nt].q.z, cur[nt].q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t v = words[j];
+        uint32_t b[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          b[2 * half] = as_u32(__hsub2(as_h2(lop3_and_or(v, 0x000f000fu, 0x64006400u)), zlo));
+          b[2 * half + 1] = as_u32(__hfma2(as_h2(lop3_and_or(v, 0x00f000f0u, 0x64006400u)), sixteenth, zhi));
+          v >>= 8;
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4& lo = a[mt][0][j];
+          const uint4& hi = a[mt][1][j];
+          mma16816(gacc[mt][nt], lo.x, hi.x, lo.y, hi.y, b[0], b[1]);  // k-tile 2j
+          mma16816(gacc[mt][nt], lo.z, hi.z, lo.w, hi.w, b[2], b[3]);  // k-tile 2j + 1
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float2 s = __half22float2(cur[nt].s);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][nt][0] += s.x * gacc[mt][nt][0];
+        acc[mt][nt][1] += s.y * gacc[mt][nt][1];
+        acc[mt][nt][2] += s.x * gacc[mt][nt][2];
+        acc[mt][nt][3] += s.y * gacc[mt][nt][3];
+      }
+    }
+  }
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[warp][(mt * NT + nt) * 4 + r][lane] = acc[mt][nt][r];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
+    const int i = idx / 32, l = idx % 32, r = i % 4, nt = (i / 4) % NT, mt = i / (4 * NT);
+    const int row = m0 + 16 * mt + l / 4 + (r >= 2 ? 8 : 0), col = (tile0 + nt) * 8 + 2 * (l % 4) + (r & 1);
+    if (row >= M) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[w][i][l];
+    y[size_t(row) * N + col] = sum;
+  }
+}
+
+// packed word o (see the layout above) from qweight [K, N/8] (v0.6: column 8w + j at bits 4j).
+__global__ void w4_pack_kernel(const uint32_t* __restrict__ qweight, int K, int N, uint32_t* __restrict__ packed) {
+  const size_t o = size_t(blockIdx.x) * blockDim.x + threadIdx.x, groups = size_t(K) / kGroup;
+  if (o >= size_t(K) * N / 8) return;
+  const int j = int(o % 4), lane = int((o / 4) % 32);
+  const size_t unit = o / 128, grp = unit % groups, tile = unit / groups;
+  const int col = lane / 4, c = lane % 4;
+  constexpr int kNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  uint32_t word = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const size_t k = grp * kGroup + 32 * c + 8 * j + e;
+    word |= ((qweight[k * (N / 8) + tile] >> (4 * col)) & 0xfu) << (4 * kNibble[e]);
+  }
+  packed[o] = word;
+}
+
+// w[k, n] = fp16((q - z) * s) for 8 rows k = 8 kk .. 8 kk + 7 of column n per thread (n fastest:
+// the stores coalesce).
+__global__ void w4_dequant_packed_kernel(const uint32_t* __restrict__ packed, const __half* __restrict__ scales,
+                                         const __half* __restrict__ zeros, int K, int N, __half* __restrict__ w) {
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x, groups = size_t(K) / kGroup;
+  if (i >= size_t(K) / 8 * N) return;
+  const size_t n = i % size_t(N), kk = i / size_t(N), grp = kk / 16;
+  const int c = int(kk % 16) / 4, j = int(kk % 4);
+  const uint32_t word = packed[(((n / 8) * groups + grp) * 32 + 4 * (n % 8) + c) * 4 + j];
+  const float s = __half2float(scales[grp * N + n]), z = __half2float(zeros[grp * N + n]);
+  constexpr int kNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    w[(kk * 8 + e) * N + n] = __float2half_rn((float((word >> (4 * kNibble[e])) & 0xfu) - z) * s);
+}
+
+// Block shapes by rows, measured with bench-kernels: `variant` 0 or 1 picks the column tiles and
+// the depth of the weight prefetch.
+template <int MT, bool kRows16, int NT, int P>
+void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+            float* y, cudaStream_t s) {
+  const dim3 grid(unsigned((M + 16 * MT - 1) / (16 * MT)), unsigned(N / (8 * NT)));
+  w4a16_mma_kernel<MT, kRows16, NT, P><<<grid, kWarps * 32, 0, s>>>(x, M, K, N, reinterpret_cast<const uint4*>(packed),
+                                                                    scales, zeros, y);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s) {
+  if (K % kGroup || N % 8) fail("w4_pack: K = {} must be a multiple of {} and N = {} of 8", K, kGroup, N);
+  const size_t words = size_t(K) * N / 8;
+  w4_pack_kernel<<<unsigned((words + 255) / 256), 256, 0, s>>>(qweight, K, N, packed);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __half* zeros, int K, int N, __half* w,
+                       cudaStream_t s) {
+  const size_t threads = size_t(K) / 8 * N;
+  w4_dequant_packed_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(packed, scales, zeros, K, N, w);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+               float* y, cudaStream_t s, int variant) {
+  if (M < 1 || M > 128 || K % kGroup || N % 8 || K % 8)
+    fail("w4a16_mma: unsupported shape M={} K={} N={} (M <= 128, K % 128, N % 8)", M, K, N);
+  const bool wide = variant == 1 && N % 16 == 0;
+  auto run = [&](auto narrow_fn, auto wide_fn) { (wide ? wide_fn : narrow_fn)(x, M, K, N, packed, scales, zeros, y, s); };
+  if (M <= 8) run(launch<1, false, 1, 4>, launch<1, false, 2, 4>);
+  else if (M <= 16) run(launch<1, true, 1, 4>, launch<1, true, 2, 2>);
+  else if (M <= 32) run(launch<2, true, 1, 2>, launch<2, true, 2, 1>);
+  else run(launch<4, true, 1, 1>, launch<4, true, 2, 1>);
+}
+
+}  // namespace tmkit::cuda

@@ -1,0 +1,64 @@
+#include "w4a16_linear.h"
+
+#include <cmath>
+
+#include "cuda/kernels.h"
+#include "gpu_model.h"
+
+namespace tmkit {
+
+namespace {
+
+// The fused kernel's exact dequantization needs integer zero points 0..15 (what every AWQ or RTN
+// quantizer writes); any other value takes the dequantize + cuBLAS path.
+bool integral_zeros(const Int4Linear& w) {
+  for (uint16_t z : w.zeros) {
+    const float f = half_to_float(z);
+    if (!(f >= 0.0f && f <= 15.0f) || f != std::floor(f)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integral_zeros(w)) {
+  if (w.group != 128) fail("int4 linear [{}, {}]: group size {} is not supported on the GPU (128; --device cpu runs any)", w.K, w.N, w.group);
+  if (w.K % 128 || w.N % 8) fail("int4 linear [{}, {}]: K must be a multiple of 128 and N of 8", w.K, w.N);
+  cuda::DeviceBuffer<uint32_t> raw(w.qweight.size());
+  packed_.resize(w.qweight.size());
+  scales_.resize(w.scales.size());
+  zeros_.resize(w.zeros.size());
+  TMKIT_CUDA_CHECK(cudaMemcpy(raw.get(), w.qweight.data(), w.qweight.size() * 4, cudaMemcpyHostToDevice));
+  TMKIT_CUDA_CHECK(cudaMemcpy(scales_.get(), w.scales.data(), w.scales.size() * 2, cudaMemcpyHostToDevice));
+  TMKIT_CUDA_CHECK(cudaMemcpy(zeros_.get(), w.zeros.data(), w.zeros.size() * 2, cudaMemcpyHostToDevice));
+  cuda::w4_pack(raw.get(), K, N, packed_.get(), nullptr);
+  TMKIT_CUDA_CHECK(cudaDeviceSynchronize());  // `raw` is freed on return
+}
+
+void W4Linear::run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
+                   cudaStream_t st) const {
+  if (fused_ && M <= kFusedRows) return cuda::w4a16_mma(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+  dense.resize(size_t(K) * N);
+  cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, dense.get(), st);
+  const float one = 1.0f, zero = 0.0f;
+  TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
+                                  K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M) {
+  if (int64_t(x.size()) != M * w.K) fail("gpu_w4a16_matmul: x has {} values, expected {}", x.size(), M * w.K);
+  const W4Linear d(w);
+  cuda::DeviceBuffer<__half> xd(x.size()), dense;
+  cuda::DeviceBuffer<float> y(size_t(M) * w.N);
+  TMKIT_CUDA_CHECK(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  cublasHandle_t blas = nullptr;
+  TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
+  d.run(blas, xd.get(), M, y.get(), dense, nullptr);
+  std::vector<float> out(size_t(M) * w.N);
+  const cudaError_t err = cudaMemcpy(out.data(), y.get(), out.size() * 4, cudaMemcpyDeviceToHost);
+  cublasDestroy(blas);
+  TMKIT_CUDA_CHECK(err);
+  return out;
+}
+
+}  // namespace tmkit
