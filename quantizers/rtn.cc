@@ -1,8 +1,11 @@
 #include "rtn.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <set>
+#include <thread>
 
 #include "error.h"
 #include "turbomind.h"
@@ -23,24 +26,39 @@ Int4Linear quantize_rtn(const float* w, int64_t K, int64_t N, int64_t group) {
   q.qweight.assign(size_t(K * N / 8), 0);
   q.scales.resize(size_t(K / group * N));
   q.zeros.resize(size_t(K / group * N));
-  for (int64_t g = 0; g < K / group; ++g) {
-    for (int64_t n = 0; n < N; ++n) {
-      float lo = INFINITY, hi = -INFINITY;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+  // Groups are independent and write disjoint rows: threads take them in turn (same output for
+  // any thread count). Rows are walked in memory order, a group's per-column state side by side.
+  auto quantize_group = [&](int64_t g) {
+    const size_t cols = size_t(N);
+    std::vector<float> lo(cols, INFINITY), hi(cols, -INFINITY), scale(cols), zero(cols);
+    for (int64_t k = g * group; k < (g + 1) * group; ++k)
+      for (int64_t n = 0; n < N; ++n) {
         const float v = h(w[k * N + n]);
-        lo = std::fmin(lo, v);
-        hi = std::fmax(hi, v);
+        lo[size_t(n)] = std::fmin(lo[size_t(n)], v);
+        hi[size_t(n)] = std::fmax(hi[size_t(n)], v);
       }
-      const float scale = h(std::fmax(h(hi - lo), 1e-5f) / 15.0f);
-      const float zero = std::fmin(std::fmax(-std::nearbyint(h(lo / scale)), 0.0f), 15.0f);
-      q.scales[size_t(g * N + n)] = float_to_half(scale);
-      q.zeros[size_t(g * N + n)] = float_to_half(zero);
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-        const int code = int(std::fmin(std::fmax(std::nearbyint(h(h(w[k * N + n]) / scale)) + zero, 0.0f), 15.0f));
-        q.qweight[size_t(k * (N / 8) + n / 8)] |= int32_t(uint32_t(code) << (4 * (n % 8)));
-      }
+    for (int64_t n = 0; n < N; ++n) {
+      scale[size_t(n)] = h(std::fmax(h(hi[size_t(n)] - lo[size_t(n)]), 1e-5f) / 15.0f);
+      zero[size_t(n)] = std::fmin(std::fmax(-std::nearbyint(h(lo[size_t(n)] / scale[size_t(n)])), 0.0f), 15.0f);
+      q.scales[size_t(g * N + n)] = float_to_half(scale[size_t(n)]);
+      q.zeros[size_t(g * N + n)] = float_to_half(zero[size_t(n)]);
     }
-  }
+    for (int64_t k = g * group; k < (g + 1) * group; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        const float code = std::nearbyint(h(h(w[k * N + n]) / scale[size_t(n)])) + zero[size_t(n)];
+        q.qweight[size_t(k * (N / 8) + n / 8)] |= int32_t(uint32_t(std::fmin(std::fmax(code, 0.0f), 15.0f)) << (4 * (n % 8)));
+      }
+  };
+  const int64_t groups = K / group;
+  const int64_t threads = std::min<int64_t>(groups, std::max(1u, std::thread::hardware_concurrency()));
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    for (int64_t g; (g = next++) < groups;) quantize_group(g);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
   return q;
 }
 

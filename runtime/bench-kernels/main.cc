@@ -98,9 +98,11 @@ void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: 
 int main(int argc, char** argv) {
   int reps = 50;
   std::vector<int> ms = {1, 4, 16, 32, 128};
+  int gemm_rows = 512;
   CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
   app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
   app.add_option("-m,--batch", ms, "rows of the activation matrix");
+  app.add_option("--gemm-rows", gemm_rows, "rows of the dense fp16 GEMM ceiling (prefill: the prompt length)");
   CLI11_PARSE(app, argc, argv);
   try {
     cudaDeviceProp prop{};
@@ -155,6 +157,28 @@ int main(int argc, char** argv) {
                     w4_variant_ms[1] * 1e3, gbs, 100 * gbs / copy_gbs, blas_ms * 1e3, blas_ms / w4_ms);
       }
     }
+
+    // Dense fp16 GEMM ceiling for prefill: cuBLAS on the decoder's four linears at M = gemm_rows,
+    // fp32 output as tm-eval uses; the "layer mix" row weighs the shapes as one layer does.
+    std::printf("\n| K x N | M | cuBLAS fp16 us | TFLOP/s |\n|---|---|---|---|\n");
+    double flops_all = 0, ms_all = 0;
+    for (auto [K, N] : shapes) {
+      DeviceBuffer<__half> w, x;
+      fill_random(w, size_t(K) * N, 11);
+      fill_random(x, size_t(gemm_rows) * K, 13);
+      DeviceBuffer<float> y(size_t(gemm_rows) * N);
+      const float one = 1.0f, zero = 0.0f;
+      const double t = median_ms(reps, [&](int, cudaStream_t st) {
+        cublasSetStream(blas, st);
+        cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, gemm_rows, K, &one, w.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F, K,
+                     &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      });
+      const double flops = 2.0 * gemm_rows * K * N;
+      flops_all += flops;
+      ms_all += t;
+      std::printf("| %d x %d | %d | %.1f | %.0f |\n", K, N, gemm_rows, t * 1e3, flops / (t * 1e-3) / 1e12);
+    }
+    std::printf("| layer mix | %d | %.1f | %.0f |\n", gemm_rows, ms_all * 1e3, flops_all / (ms_all * 1e-3) / 1e12);
     cublasDestroy(blas);
     return 0;
   } catch (const std::exception& e) {

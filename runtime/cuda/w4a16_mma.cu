@@ -46,7 +46,7 @@ __device__ inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
 
 __device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep it in L1
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -54,7 +54,7 @@ __device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep
 
 __device__ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                 uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                "{%0, %1, %2, %3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -62,6 +62,25 @@ __device__ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_
 
 __device__ inline uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ inline __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// The zero point's two constants: (1024 + q) - (1024 + z) and (1024 + 16q) / 16 - (64 + z).
+struct Zero {
+  __half2 lo, hi;
+  __device__ explicit Zero(__half z)
+      : lo(__half2half2(__hadd(z, __float2half(1024.0f)))), hi(__half2half2(__hneg(__hadd(z, __float2half(64.0f))))) {}
+};
+
+// Word j of a lane's uint4 as four half2 of q - z: b[0], b[1] = k-tile 2j's pairs {2c, 2c+1} and
+// {2c+8, 2c+9}; b[2], b[3] = the same of k-tile 2j + 1.
+__device__ inline void dequant_word(uint32_t v, const Zero& z, uint32_t (&b)[4]) {
+  const __half2 sixteenth = __float2half2_rn(0.0625f);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    b[2 * half] = as_u32(__hsub2(as_h2(lop3_and_or(v, 0x000f000fu, 0x64006400u)), z.lo));
+    b[2 * half + 1] = as_u32(__hfma2(as_h2(lop3_and_or(v, 0x00f000f0u, 0x64006400u)), sixteenth, z.hi));
+    v >>= 8;
+  }
+}
 
 // One group's loads for one 8-column tile: the lane's 32 codes, its column's zero, and the
 // scales of the two columns its accumulators hold (2c, 2c + 1).
@@ -117,17 +136,22 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
     for (int nt = 0; nt < NT; ++nt) cur[nt] = buf[i][nt];
     if (grp + P * kWarps < groups) load_units(grp + P * kWarps, buf[i]);
 
-    // The lane's x values: rows g and g + 8 of each m-tile, physical k = 32c .. 32c + 31.
+    // The lane's x values: rows g and g + 8 of each m-tile, physical k = 32c .. 32c + 31. Rows past
+    // M read row M - 1 instead: their products land in output rows that are never stored.
     uint4 a[MT][2][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + 16 * mt + g + 8 * h;
-        const bool live = (h == 0 || kRows16) && row < M;
-        const uint4* src = reinterpret_cast<const uint4*>(x + size_t(live ? row : 0) * K + grp * kGroup + 32 * c);
+        if (h == 1 && !kRows16) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) a[mt][h][j] = live ? __ldg(src + j) : make_uint4(0, 0, 0, 0);
+          for (int j = 0; j < 4; ++j) a[mt][h][j] = make_uint4(0, 0, 0, 0);
+          continue;
+        }
+        const int row = min(m0 + 16 * mt + g + 8 * h, M - 1);
+        const uint4* src = reinterpret_cast<const uint4*>(x + size_t(row) * K + grp * kGroup + 32 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[mt][h][j] = __ldg(src + j);
       }
 
     float gacc[MT][NT][4];
@@ -140,20 +164,12 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const __half2 zlo = __half2half2(__hadd(cur[nt].z, __float2half(1024.0f)));
-      const __half2 zhi = __half2half2(__hneg(__hadd(cur[nt].z, __float2half(64.0f))));
-      const __half2 sixteenth = __float2half2_rn(0.0625f);
+      const Zero zero(cur[nt].z);
       const uint32_t words[4] = {cur[nt].q.x, cur[nt].q.y, cur[nt].q.z, cur[nt].q.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t v = words[j];
         uint32_t b[4];
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          b[2 * half] = as_u32(__hsub2(as_h2(lop3_and_or(v, 0x000f000fu, 0x64006400u)), zlo));
-          b[2 * half + 1] = as_u32(__hfma2(as_h2(lop3_and_or(v, 0x00f000f0u, 0x64006400u)), sixteenth, zhi));
-          v >>= 8;
-        }
+        dequant_word(words[j], zero, b);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint4& lo = a[mt][0][j];
@@ -187,6 +203,125 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
   for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
     const int i = idx / 32, l = idx % 32, r = i % 4, nt = (i / 4) % NT, mt = i / (4 * NT);
     const int row = m0 + 16 * mt + l / 4 + (r >= 2 ? 8 : 0), col = (tile0 + nt) * 8 + 2 * (l % 4) + (r & 1);
+    if (row >= M) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[w][i][l];
+    y[size_t(row) * N + col] = sum;
+  }
+}
+
+// M <= 16: the roles swap. A = W^T (16 columns: the lane's column g of tiles 2p and 2p + 1,
+// whose B-fragment pairs are exactly A's a0/a2 and a1/a3), B = x^T (8 rows of x per mma: lane
+// (g, c) holds row g's pairs {2c, 2c+1}, {2c+8, 2c+9} of a k-tile, the same uint4 loads as above).
+// One mma then covers 256 weights instead of 128, and each x register feeds NP column pairs.
+// Accumulator d of pair p: d0, d1 = column (2p) * 8 + g at rows 2c, 2c + 1; d2, d3 = column
+// (2p + 1) * 8 + g at the same rows. Even and odd k-tiles accumulate apart (two chains of
+// dependent mmas instead of one). MB row blocks of 8 (M <= 8: 1, M <= 16: 2).
+template <int MB, int NP, int P>
+__global__ void __launch_bounds__(kWarps * 32, MB == 1 ? 3 : 2) w4a16_gemv_kernel(const __half* __restrict__ x, int M, int K, int N,
+                                                                const uint4* __restrict__ packed,
+                                                                const __half* __restrict__ scales,
+                                                                const __half* __restrict__ zeros, float* __restrict__ y) {
+  constexpr int kRegs = MB * NP * 4;
+  __shared__ float red[kWarps][kRegs][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  const int groups = K / kGroup, tile0 = blockIdx.x * 2 * NP;
+
+  struct Loads {
+    uint4 q[2 * NP];
+    __half z[2 * NP], s[2 * NP];
+  };
+  // Pointers of this warp's first group; each group step advances them by kWarps groups.
+  const uint4* wp = packed + (size_t(tile0) * groups + warp) * 32 + lane;
+  const size_t sz0 = size_t(warp) * N + tile0 * 8 + g;
+  auto load = [&](int step, Loads& l) {
+#pragma unroll
+    for (int t = 0; t < 2 * NP; ++t) {
+      l.q[t] = load_stream(wp + (size_t(t) * groups + size_t(step) * kWarps) * 32);
+      const size_t i = sz0 + size_t(step) * kWarps * N + t * 8;
+      l.z[t] = zeros[i];
+      l.s[t] = scales[i];
+    }
+  };
+
+  float acc[MB][NP][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mb][p][r] = 0.0f;
+
+  const int steps = (groups - warp + kWarps - 1) / kWarps;  // groups warp, warp + 8, ...
+  Loads buf[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    if (i < steps) load(i, buf[i]);
+  for (int base = 0; base < steps; base += P) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int step = base + i;
+      if (step >= steps) break;  // uniform across the warp
+      const Loads cur = buf[i];
+      if (step + P < steps) load(step + P, buf[i]);
+      const int grp = warp + step * kWarps;
+
+      uint4 xr[MB][4];  // rows g (+ 8), physical k = 32c .. 32c + 31 (rows past M: row M - 1, never stored)
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + size_t(min(8 * mb + g, M - 1)) * K + grp * kGroup + 32 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xr[mb][j] = __ldg(src + j);
+      }
+      float even[MB][NP][4], odd[MB][NP][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int p = 0; p < NP; ++p)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) even[mb][p][r] = odd[mb][p][r] = 0.0f;
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const Zero z0(cur.z[2 * p]), z1(cur.z[2 * p + 1]);
+        const uint32_t w0[4] = {cur.q[2 * p].x, cur.q[2 * p].y, cur.q[2 * p].z, cur.q[2 * p].w};
+        const uint32_t w1[4] = {cur.q[2 * p + 1].x, cur.q[2 * p + 1].y, cur.q[2 * p + 1].z, cur.q[2 * p + 1].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b0[4], b1[4];
+          dequant_word(w0[j], z0, b0);
+          dequant_word(w1[j], z1, b1);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            mma16816(even[mb][p], b0[0], b1[0], b0[1], b1[1], xr[mb][j].x, xr[mb][j].y);  // k-tile 2j
+            mma16816(odd[mb][p], b0[2], b1[2], b0[3], b1[3], xr[mb][j].z, xr[mb][j].w);   // k-tile 2j + 1
+          }
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const float s0 = __half2float(cur.s[2 * p]), s1 = __half2float(cur.s[2 * p + 1]);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          acc[mb][p][0] += s0 * (even[mb][p][0] + odd[mb][p][0]);
+          acc[mb][p][1] += s0 * (even[mb][p][1] + odd[mb][p][1]);
+          acc[mb][p][2] += s1 * (even[mb][p][2] + odd[mb][p][2]);
+          acc[mb][p][3] += s1 * (even[mb][p][3] + odd[mb][p][3]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[warp][(mb * NP + p) * 4 + r][lane] = acc[mb][p][r];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
+    const int i = idx / 32, l = idx % 32, r = i % 4, p = (i / 4) % NP, mb = i / (4 * NP);
+    const int row = 8 * mb + 2 * (l % 4) + (r & 1), col = (tile0 + 2 * p + (r >= 2)) * 8 + l / 4;
     if (row >= M) continue;
     float sum = 0.0f;
 #pragma unroll
@@ -229,13 +364,22 @@ __global__ void w4_dequant_packed_kernel(const uint32_t* __restrict__ packed, co
 }
 
 // Block shapes by rows, measured with bench-kernels: `variant` 0 or 1 picks the column tiles and
-// the depth of the weight prefetch.
+// the depth of the weight prefetch. More column tiles per warp amortize the per-group work (x
+// loads, zero and scale handling), which bounds the kernel at M = 1 (ncu: issue-bound).
 template <int MT, bool kRows16, int NT, int P>
 void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
             float* y, cudaStream_t s) {
   const dim3 grid(unsigned((M + 16 * MT - 1) / (16 * MT)), unsigned(N / (8 * NT)));
   w4a16_mma_kernel<MT, kRows16, NT, P><<<grid, kWarps * 32, 0, s>>>(x, M, K, N, reinterpret_cast<const uint4*>(packed),
                                                                     scales, zeros, y);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+template <int MB, int NP, int P>
+void launch_gemv(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+                 float* y, cudaStream_t s) {
+  w4a16_gemv_kernel<MB, NP, P><<<unsigned(N / (16 * NP)), kWarps * 32, 0, s>>>(
+      x, M, K, N, reinterpret_cast<const uint4*>(packed), scales, zeros, y);
   TMKIT_CUDA_LAUNCHED();
 }
 
@@ -259,12 +403,16 @@ void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, con
                float* y, cudaStream_t s, int variant) {
   if (M < 1 || M > 128 || K % kGroup || N % 8 || K % 8)
     fail("w4a16_mma: unsupported shape M={} K={} N={} (M <= 128, K % 128, N % 8)", M, K, N);
-  const bool wide = variant == 1 && N % 16 == 0;
-  auto run = [&](auto narrow_fn, auto wide_fn) { (wide ? wide_fn : narrow_fn)(x, M, K, N, packed, scales, zeros, y, s); };
-  if (M <= 8) run(launch<1, false, 1, 4>, launch<1, false, 2, 4>);
-  else if (M <= 16) run(launch<1, true, 1, 4>, launch<1, true, 2, 2>);
-  else if (M <= 32) run(launch<2, true, 1, 2>, launch<2, true, 2, 1>);
-  else run(launch<4, true, 1, 1>, launch<4, true, 2, 1>);
+  using Launch = void (*)(const __half*, int, int, int, const uint32_t*, const __half*, const __half*, float*, cudaStream_t);
+  Launch f = nullptr;
+  if (M <= 16 && N % 16 == 0) {
+    const bool wide = N % 32 == 0 && variant == 1;  // M <= 8: deeper prefetch instead
+    if (M <= 8) f = variant == 1 ? launch_gemv<1, 1, 3> : launch_gemv<1, 1, 2>;
+    else f = wide ? launch_gemv<2, 2, 1> : launch_gemv<2, 1, 2>;
+  } else if (M <= 16) f = launch<1, true, 1, 2>;
+  else if (M <= 32) f = N % 16 == 0 ? (variant ? launch<2, true, 2, 1> : launch<2, true, 1, 2>) : launch<2, true, 1, 1>;
+  else f = N % 16 == 0 && variant ? launch<4, true, 2, 1> : launch<4, true, 1, 1>;
+  f(x, M, K, N, packed, scales, zeros, y, s);
 }
 
 }  // namespace tmkit::cuda
