@@ -79,10 +79,10 @@ Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
     }
     apply_rope(q, H, D, rt);
     apply_rope(k, KV, D, rt);
-    if (kv_ != KvMode::kFp16)
-      for (Mat* m : {&k, &v})
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < KV; ++h) kv_fake_quant(m->row(t).data() + h * D, int(D), int(kv_));
+    // K and V as the KV cache would hold them (fp16, or int8/int4 codes), as every runtime does.
+    for (Mat* m : {&k, &v})
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < KV; ++h) kv_cache_roundtrip(m->row(t).data() + h * D, int(D), kv_);
     x.noalias() += attention(q, k, v, H, KV, D, scale) * l.wo;
     if (l.bo.size()) x.rowwise() += l.bo.transpose();
 

@@ -17,6 +17,12 @@ std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint1
 // The GPU's KV quantize-dequantize on its own, on a host qkv buffer [T, (H + 2 KV) D]. For tests.
 void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits);
 
+// The GPU's KV cache on its own: appends a host qkv buffer [T, (H + 2 KV) D] at positions 0 .. T-1
+// of a one-sequence cache in `mode`, copies the stored bytes back and decodes them on the host by
+// the documented layout (cuda/kv_cache.h) into k, v [KV][T][D]. Returns the cache's bytes. For tests.
+size_t gpu_kv_cache_roundtrip(const std::vector<float>& qkv, int T, int H, int KV, int D, KvMode mode,
+                              std::vector<float>* k, std::vector<float>* v);
+
 class GpuModel {
  public:
   static bool available();  // this build has CUDA and a device is present
@@ -29,16 +35,27 @@ class GpuModel {
   std::string device_name() const;
   // Logits [T, vocab_size] of one sequence, copied to the host (for `tm-eval logits` and tests).
   Mat forward(const int32_t* tokens, int64_t T);
+  // Logits [batch * T, vocab_size] of `batch` sequences of T tokens in one forward (tokens and rows
+  // sequence-major: row b * T + t is token t of sequence b).
+  Mat forward_batch(const int32_t* tokens, int64_t batch, int64_t T);
   // Sum and sum of squares of -log p(tokens[t] | tokens[<t]) for t = 1..T-1, reduced on the device.
   void nll_sums(const int32_t* tokens, int64_t T, double* sum, double* sum_sq);
+  // The same for `batch` sequences of T tokens at once (tokens holds batch * T ids, sequence-major):
+  // one forward with batch * T rows in every GEMM, attention per sequence; sums[b], sums_sq[b].
+  void nll_sums_batch(const int32_t* tokens, int64_t batch, int64_t T, double* sums, double* sums_sq);
 
-  // Generation over a KV cache: reset() starts a sequence with room for `capacity` tokens;
-  // append() runs tokens after those already cached (a prompt, then one token per decode step),
-  // leaving their logits on the device; last_logits() copies the last append's [T, vocab] back.
-  void reset(int64_t capacity);
+  // Generation over a KV cache: reset() starts `batch` sequences with room for `capacity` tokens
+  // each; append() runs T tokens of every sequence after those already cached (a prompt, then one
+  // token per decode step; tokens holds batch * T ids, sequence-major: the sequences advance in
+  // lockstep), leaving their logits on the device; last_logits() copies the last append's
+  // [batch * T, vocab] back. Fails with one line when the cache does not fit the device.
+  void reset(int64_t capacity, int64_t batch = 1);
   void append(const int32_t* tokens, int64_t T);
   Mat last_logits() const;
   int64_t position() const;
+  int64_t batch() const;
+  // Device bytes the KV cache given to reset() takes (K and V, codes and scales, every layer).
+  size_t kv_cache_bytes() const;
   void synchronize() const;
 
   struct Impl;  // per element type, in gpu_model.cc

@@ -8,17 +8,25 @@ struct GpuModel::Impl {};
 
 bool GpuModel::available() { return false; }
 void gpu_kv_fake_quant(std::vector<float>&, int, int, int, int, int) { fail("no CUDA"); }
+size_t gpu_kv_cache_roundtrip(const std::vector<float>&, int, int, int, int, KvMode, std::vector<float>*,
+                              std::vector<float>*) {
+  fail("no CUDA");
+}
 std::vector<float> gpu_w4a16_matmul(const Int4Linear&, const std::vector<uint16_t>&, int) { fail("no CUDA"); }
 GpuModel::GpuModel(const ModelWeights&, KvMode) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
 GpuModel::~GpuModel() = default;
 const TmConfig& GpuModel::config() const { fail("no CUDA"); }
 std::string GpuModel::device_name() const { return ""; }
 Mat GpuModel::forward(const int32_t*, int64_t) { fail("no CUDA"); }
+Mat GpuModel::forward_batch(const int32_t*, int64_t, int64_t) { fail("no CUDA"); }
 void GpuModel::nll_sums(const int32_t*, int64_t, double*, double*) { fail("no CUDA"); }
-void GpuModel::reset(int64_t) { fail("no CUDA"); }
+void GpuModel::nll_sums_batch(const int32_t*, int64_t, int64_t, double*, double*) { fail("no CUDA"); }
+void GpuModel::reset(int64_t, int64_t) { fail("no CUDA"); }
 void GpuModel::append(const int32_t*, int64_t) { fail("no CUDA"); }
 Mat GpuModel::last_logits() const { fail("no CUDA"); }
 int64_t GpuModel::position() const { return 0; }
+int64_t GpuModel::batch() const { return 0; }
+size_t GpuModel::kv_cache_bytes() const { return 0; }
 void GpuModel::synchronize() const {}
 
 }  // namespace tmkit

@@ -33,7 +33,16 @@ ChunkScorer score_from_logits(ForwardFn forward) {
 
 PplResult perplexity(const ChunkScorer& score, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
                      int threads, const ChunkProgress& progress) {
+  auto one_by_one = [&score](const int32_t* t, int64_t count, int64_t T, double* sums, double* sums_sq) {
+    for (int64_t i = 0; i < count; ++i) score(t + i * T, T, sums + i, sums_sq + i);
+  };
+  return perplexity_batched(one_by_one, 1, tokens, ctx, max_chunks, threads, progress);
+}
+
+PplResult perplexity_batched(const BatchScorer& score, int64_t batch, const std::vector<int32_t>& tokens, int64_t ctx,
+                             int64_t max_chunks, int threads, const ChunkProgress& progress) {
   if (ctx < 2) fail("-c: context {} is too small (at least 2 tokens)", ctx);
+  if (batch < 1) fail("-b: {} chunks per batch; at least 1", batch);
   const int64_t available = int64_t(tokens.size()) / ctx;
   if (available == 0) fail("-c: {} tokens are fewer than one chunk of {}", tokens.size(), ctx);
   const int64_t n = max_chunks > 0 ? std::min(max_chunks, available) : available;
@@ -47,13 +56,15 @@ PplResult perplexity(const ChunkScorer& score, const std::vector<int32_t>& token
   std::exception_ptr error;
   auto worker = [&] {
     try {
-      for (int64_t c; (c = next.fetch_add(1)) < n;) {
-        const int32_t* chunk = tokens.data() + c * ctx;
-        score(chunk, ctx, &sums[size_t(c)], &sums_sq[size_t(c)]);
+      for (int64_t c; (c = next.fetch_add(batch)) < n;) {
+        const int64_t count = std::min(batch, n - c);  // chunks c .. c + count - 1 are contiguous tokens
+        score(tokens.data() + c * ctx, count, ctx, &sums[size_t(c)], &sums_sq[size_t(c)]);
         std::lock_guard<std::mutex> lock(mu);
-        ++done;
-        done_sum += sums[size_t(c)];
-        if (progress) progress(done, n, std::exp(done_sum / double(done * (ctx - 1))));
+        for (int64_t i = c; i < c + count; ++i) {
+          ++done;
+          done_sum += sums[size_t(i)];
+          if (progress) progress(done, n, std::exp(done_sum / double(done * (ctx - 1))));
+        }
       }
     } catch (...) {
       std::lock_guard<std::mutex> lock(mu);

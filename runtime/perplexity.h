@@ -24,10 +24,18 @@ using ForwardFn = std::function<Mat(const int32_t* tokens, int64_t T)>;
 ChunkScorer score_from_logits(ForwardFn forward);
 using ChunkProgress = std::function<void(int64_t done, int64_t total, double running_ppl)>;
 
+// Scores `count` consecutive chunks of T tokens at once (tokens holds count * T ids): sums[i] and
+// sums_sq[i] as ChunkScorer's, for chunk i. For runtimes that batch chunks (the GPU).
+using BatchScorer = std::function<void(const int32_t* tokens, int64_t count, int64_t T, double* sums, double* sums_sq)>;
+
 // `max_chunks` <= 0: all chunks. `threads` workers score chunks in parallel (1 for a GPU); the
 // result does not depend on the number of threads (per-chunk sums are added in chunk order).
 PplResult perplexity(const ChunkScorer& score, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_chunks,
                      int threads, const ChunkProgress& progress = {});
+// The same, `batch` chunks per call of `score` (the last call takes the rest); progress is still
+// reported per chunk, in chunk order within a batch.
+PplResult perplexity_batched(const BatchScorer& score, int64_t batch, const std::vector<int32_t>& tokens, int64_t ctx,
+                             int64_t max_chunks, int threads, const ChunkProgress& progress = {});
 
 // Sum of -log softmax(logits[t])[targets[t]] and of its square, over rows t, in double.
 void nll_sums(const Mat& logits, const int32_t* targets, int64_t rows, double* sum, double* sum_sq);

@@ -37,8 +37,8 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
 
 void W4Linear::run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
                    cudaStream_t st) const {
-  if (fused_ && M <= kFusedRows) return cuda::w4a16_mma(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
-  dense.resize(size_t(K) * N);
+  if (!dense_elements(M)) return cuda::w4a16_mma(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+  dense.resize(dense_elements(M));
   cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, dense.get(), st);
   const float one = 1.0f, zero = 0.0f;
   TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,

@@ -14,9 +14,12 @@ class W4Linear {
 
   // y[M, N] (fp32) = x[M, K] (fp16) * W. Up to kFusedRows rows run the fused W4A16 kernel; longer
   // inputs dequantize W into `dense` (grown as needed) and use cuBLAS. `fused` = false forces that.
-  static constexpr int kFusedRows = 128;
+  // (bench-kernels: the fused kernel wins up to M = 32; from M ~ 48 dequantize + cuBLAS is faster.)
+  static constexpr int kFusedRows = 32;
   void run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
            cudaStream_t st) const;
+  // The `dense` elements run(M) needs (0 on the fused path): callers capturing CUDA graphs grow it first.
+  size_t dense_elements(int M) const { return fused_ && M <= kFusedRows ? 0 : size_t(K) * size_t(N); }
 
  private:
   cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_mma.cu

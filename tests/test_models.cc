@@ -10,6 +10,7 @@
 #include "hf2tm.h"
 #include "rtn.h"
 #include "perplexity.h"
+#include "kv_quant.h"
 #include "error.h"
 #include "test_util.h"
 
@@ -153,6 +154,68 @@ TEST(Perplexity, ProtocolOnAKnownDistribution) {
   EXPECT_NEAR(r.ppl, double(V), 1e-9);
   EXPECT_NEAR(r.ppl_error, 0.0, 1e-6);  // every NLL is log(V): zero spread up to rounding
   EXPECT_THROW(perplexity(uniform, ids, 2000, 0, 1), Error);
+}
+
+// Batches of chunks (tm-eval ppl -b): the scorer sees `batch` contiguous chunks at a time (the last
+// batch the rest), the result is the one of scoring chunk by chunk, and progress stays per chunk.
+TEST(Perplexity, BatchedEqualsOneByOne) {
+  std::vector<int32_t> ids(1050);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t((i * 7919) % 101);
+  // A deterministic per-chunk "NLL" that depends on every token of the chunk.
+  auto one = [](const int32_t* t, int64_t T, double* s, double* s2) {
+    *s = *s2 = 0;
+    for (int64_t i = 1; i < T; ++i) {
+      const double nll = 0.01 * double(t[i] + t[i - 1] % 7);
+      *s += nll;
+      *s2 += nll * nll;
+    }
+  };
+  const PplResult want = perplexity(one, ids, 100, 0, 1);
+  for (int64_t batch : {1, 3, 4, 10, 64}) {
+    std::vector<int64_t> counts, done_seen;
+    auto batched = [&](const int32_t* t, int64_t count, int64_t T, double* s, double* s2) {
+      EXPECT_EQ((t - ids.data()) % T, 0);
+      counts.push_back(count);
+      for (int64_t i = 0; i < count; ++i) one(t + i * T, T, s + i, s2 + i);
+    };
+    const PplResult got =
+        perplexity_batched(batched, batch, ids, 100, 0, 1, [&](int64_t d, int64_t, double) { done_seen.push_back(d); });
+    EXPECT_EQ(got.ppl, want.ppl) << "batch " << batch;
+    EXPECT_EQ(got.ppl_error, want.ppl_error) << "batch " << batch;
+    EXPECT_EQ(got.tokens, want.tokens);
+    EXPECT_EQ(counts.size(), size_t((10 + batch - 1) / batch)) << "batch " << batch;
+    EXPECT_EQ(counts.back(), 10 - batch * (int64_t(counts.size()) - 1));
+    ASSERT_EQ(done_seen.size(), 10u);
+    for (size_t i = 0; i < done_seen.size(); ++i) EXPECT_EQ(done_seen[i], int64_t(i + 1));
+  }
+  EXPECT_THROW(perplexity_batched([](const int32_t*, int64_t, int64_t, double*, double*) {}, 0, ids, 100, 0, 1), Error);
+}
+
+// `tm-eval ppl -b` on the CPU groups chunks only: the same report as -b 1.
+TEST(TextInput, PplBatchFlagKeepsTheResult) {
+  const fs::path ws = workspace("tiny-llama", 1);
+  const std::string cmd = test::tool("tm-eval") + " ppl -q --device cpu -c 64 --chunks 7 -t 2 -m " + test::q(ws) +
+                          " --tokens " + test::q(test::reference_dir("tiny-llama") / "eval.tokens.i32");
+  const auto one = test::run(cmd + " -b 1"), three = test::run(cmd + " -b 3");
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(three.code, 0) << three.err;
+  auto ppl_line = [](const std::string& s) { return s.substr(0, s.find("scored tokens")); };  // seconds differ
+  EXPECT_EQ(ppl_line(three.out), ppl_line(one.out));
+  EXPECT_NE(test::run(cmd + " -b 0").code, 0);
+}
+
+// The oracle stores K and V as the KV cache would: fp16 mode rounds them to fp16 (TurboMind's
+// cache is fp16), int8/int4 quantize them; kv_cache_roundtrip is that rounding.
+TEST(KvCache, RoundtripIsTheCacheFormat) {
+  std::vector<float> x(64);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(float(i) * 0.37f) * 3.1f + 1e-3f * float(i);
+  std::vector<float> fp16 = x, int8 = x, fq8 = x;
+  kv_cache_roundtrip(fp16.data(), int(fp16.size()), KvMode::kFp16);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(fp16[i], half_to_float(float_to_half(x[i])));
+  EXPECT_NE(fp16, x);  // these values are not all fp16-exact: the rounding is real
+  kv_cache_roundtrip(int8.data(), int(int8.size()), KvMode::kInt8);
+  kv_fake_quant(fq8.data(), int(fq8.size()), 8);
+  EXPECT_EQ(int8, fq8);
 }
 
 // RTN W4 g128 int4 workspaces (all decoder linears), scored by the CPU oracle, against the

@@ -1,6 +1,7 @@
 // bench-kernels: W4A16 against the bandwidth ceiling and cuBLAS fp16, measured in one run.
 //   ceiling  a device-to-device copy (bytes read + written per second)
-//   W4A16    tmkit's int4 product (the tensor-core kernel of w4a16_mma.cu, M <= 128)
+//   W4A16    tmkit's int4 product as tm-eval runs it: the tensor-core kernels of w4a16_mma.cu for
+//            M <= 32, dequantize + cuBLAS beyond
 //   cuBLAS   the same product with dense fp16 weights
 // Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
 // events; median of the repetitions. See README.md beside this file.
@@ -134,7 +135,7 @@ int main(int argc, char** argv) {
       }
       for (int c = 0; c < dense_copies; ++c) fill_random(dense[size_t(c)], size_t(K) * N, uint32_t(c + 3));
       for (int M : ms) {
-        DeviceBuffer<__half> x;
+        DeviceBuffer<__half> x, scratch(M > 32 ? size_t(K) * N : 1);
         fill_random(x, size_t(M) * K, 5);
         DeviceBuffer<float> y(size_t(M) * N);
         const float one = 1.0f, zero = 0.0f;
@@ -142,7 +143,14 @@ int main(int argc, char** argv) {
         for (int variant = 0; variant < 2; ++variant)
           w4_variant_ms[variant] = median_ms(reps, [&](int i, cudaStream_t st) {
             const size_t c = size_t(i % copies);
-            tmkit::cuda::w4a16_mma(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), y.get(), st, variant);
+            if (M <= 32) {
+              tmkit::cuda::w4a16_mma(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), y.get(), st, variant);
+            } else {
+              tmkit::cuda::w4_dequant_packed(qw[c].get(), sc[c].get(), zr[c].get(), K, N, scratch.get(), st);
+              cublasSetStream(blas, st);
+              cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
+                           K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            }
           });
         const double w4_ms = std::min(w4_variant_ms[0], w4_variant_ms[1]);
         const double blas_ms = median_ms(reps, [&](int i, cudaStream_t st) {

@@ -1,23 +1,29 @@
-// Causal GQA attention of one sequence, flash-attention style (online softmax; the [T, T]
-// score matrix never exists in memory). Queries are rows pos0 .. pos0 + T - 1 of the sequence;
-// keys and values are rows 0 .. pos0 + T - 1, read with their own row stride (the fp32 qkv
-// buffer itself for a plain forward, the KV cache for prefill-with-cache and decode, T = 1).
+// Causal GQA attention of B sequences, flash-attention style (online softmax; the [T, T] score
+// matrix never exists in memory). Queries are rows pos0 .. pos0 + T - 1 of each sequence; keys and
+// values are rows 0 .. pos0 + T - 1, read through a reader (kv_cache.cuh): the fp32 qkv buffer
+// itself for a plain forward (pos0 = 0), or the KV cache in fp16/int8/int4 for prefill-with-cache.
+// Few queries over a long cache (decode) go to attention_decode.cu instead, which splits the keys.
 //
-// Grid (ceil(T / BQ), H): one block per tile of BQ = 16 query rows of one head; 4 warps, each
-// owning ROWS = 4 of those rows. Shared memory per block (D = 128: 40 KB):
+// Grid (ceil(T / BQ), H, B): one block per tile of BQ = 16 query rows of one head of one sequence;
+// 4 warps, each owning ROWS = 4 of those rows. Shared memory per block (D = 128: 40.5 KB):
 //   q_s [BQ][D]      the tile's queries, pre-multiplied by the softmax scale
-//   k_s [BK][D + 1]  BK = 32 keys of the head's kv head; +1 so that lane j reading key j's
-//                    channel d hits bank (j + d) % 32: no conflicts
-//   v_s [BK][D]      the same keys' values; lane l reads channels l, l + 32, ...: no conflicts
-// For each key tile and each of its rows, a warp computes 32 scores (lane j: key k0 + j),
-// folds them into the running max m, sum l and the accumulator (lane l owns output channels
-// l + 32 i), then rescales once per tile. Keys after the query (causal) or past T score -inf.
-// Inputs (fp32, after bias and RoPE): q rows of stride q_stride (head h at h D); k and v rows of
-// stride kv_stride (kv head j at j D). Output [T, H D] in T.
+//   k_s [BK][D + 1]  BK = 32 keys of the head's kv head, dequantized to fp32; +1 so that lane j
+//                    reading key j's channel d hits bank (j + d) % 32: no conflicts. Filled with
+//                    consecutive threads on consecutive keys (same 8-channel group), so that their
+//                    scalar stores fall in distinct banks too.
+//   v_s [BK][D]      the same keys' values; lane l reads channels l, l + 32, ...: no conflicts.
+//                    Filled with consecutive threads on consecutive 8-channel groups of one key:
+//                    coalesced loads, float4 stores.
+// Converting to fp32 once per tile in shared memory keeps the inner loops free of the cache format.
+// For each key tile and each of its rows, a warp computes 32 scores (lane j: key k0 + j), folds
+// them into the running max m, sum l and the accumulator (lane l owns output channels l + 32 i),
+// then rescales once per tile. Keys after the query (causal) or past the end score -inf.
+// Output [B T, H D] in T: row b T + t, head h at h D. Queries: row b T + t of q, stride q_stride.
 #include <tuple>
 
 #include "block_reduce.cuh"
 #include "kernels.h"
+#include "kv_cache.cuh"
 
 namespace tmkit::cuda {
 
@@ -25,22 +31,24 @@ namespace {
 
 constexpr int kBQ = 16, kBK = 32, kWarps = 4, kRows = kBQ / kWarps;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, const float* k,
-                                                                       const float* v, size_t kv_stride, int T_, int pos0,
-                                                                       const int* pos_dev, int H, int KV, float scale, T* out) {
+template <typename T, int D, typename Kv>
+__global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, Kv kv, int T_,
+                                                                       int pos0, const int* pos_dev, int H, int KV,
+                                                                       float scale, T* out) {
   if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
-  constexpr int DL = D / 32;  // output channels per lane
+  constexpr int DL = D / 32;     // output channels per lane
+  constexpr int G8 = D / 8;      // 8-channel groups per key (one reader load each)
   __shared__ float q_s[kBQ][D];
   __shared__ float k_s[kBK][D + 1];
-  __shared__ float v_s[kBK][D];
-  const int h = blockIdx.y, kvh = h / (H / KV), q0 = blockIdx.x * kBQ;
+  __shared__ __align__(16) float v_s[kBK][D];
+  const int h = blockIdx.y, kvh = h / (H / KV), q0 = blockIdx.x * kBQ, seq = blockIdx.z;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const size_t q_off = size_t(h) * D, kv_off = size_t(kvh) * D;
+  q += size_t(seq) * T_ * q_stride + size_t(h) * D;
+  out += size_t(seq) * T_ * H * D + size_t(h) * D;
 
   for (int idx = threadIdx.x; idx < kBQ * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
-    q_s[r][d] = q0 + r < T_ ? q[size_t(q0 + r) * q_stride + q_off + d] * scale : 0.0f;
+    q_s[r][d] = q0 + r < T_ ? q[size_t(q0 + r) * q_stride + d] * scale : 0.0f;
   }
   float m[kRows], l[kRows], acc[kRows][DL];
 #pragma unroll
@@ -54,11 +62,20 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
   const int key_end = pos0 + min(T_, q0 + kBQ);  // causal: no row of this tile sees keys past its last row
   for (int k0 = 0; k0 < key_end; k0 += kBK) {
     __syncthreads();  // the previous tile is no longer read
-    for (int idx = threadIdx.x; idx < kBK * D; idx += blockDim.x) {
-      const int j = idx / D, d = idx % D, key = k0 + j;
-      const bool valid = key < key_end;
-      k_s[j][d] = valid ? k[size_t(key) * kv_stride + kv_off + d] : 0.0f;
-      v_s[j][d] = valid ? v[size_t(key) * kv_stride + kv_off + d] : 0.0f;
+    for (int idx = threadIdx.x; idx < kBK * G8; idx += blockDim.x) {
+      const int j = idx % kBK, g = idx / kBK, key = k0 + j;
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (key < key_end) Kv::to_float(kv.load(false, seq, kvh, key, g), kv.param(false, seq, kvh, key), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) k_s[j][8 * g + i] = f[i];
+    }
+    for (int idx = threadIdx.x; idx < kBK * G8; idx += blockDim.x) {
+      const int j = idx / G8, g = idx % G8, key = k0 + j;
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (key < key_end) Kv::to_float(kv.load(true, seq, kvh, key, g), kv.param(true, seq, kvh, key), f);
+      float4* dst = reinterpret_cast<float4*>(&v_s[j][8 * g]);
+      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
     __syncthreads();
 #pragma unroll
@@ -90,48 +107,55 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
   for (int r = 0; r < kRows; ++r) {
     const int qi = q0 + warp * kRows + r;
     if (qi >= T_) continue;
-    T* o = out + size_t(qi) * H * D + size_t(h) * D;
+    T* o = out + size_t(qi) * H * D;
 #pragma unroll
     for (int i = 0; i < DL; ++i) o[lane + 32 * i] = from_float<T>(acc[r][i] / l[r]);
   }
 }
 
-}  // namespace
-
-template <typename T>
-void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
-                       int pos0, const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
-  const dim3 grid((T_ + kBQ - 1) / kBQ, H);
-  const auto args = std::make_tuple(q, q_stride, k, v, kv_stride, T_, pos0, pos_dev, H, KV, scale, out);
+template <typename T, typename Kv>
+void launch(const float* q, size_t q_stride, const Kv& kv, int B, int T_, int pos0, const int* pos_dev, int H, int KV,
+            int D, float scale, T* out, cudaStream_t s) {
+  if (B < 1 || T_ < 1) return;
+  if (B > 65535) fail("attention: batch {} is more than 65535 sequences", B);
+  const dim3 grid((T_ + kBQ - 1) / kBQ, H, B);
+  const auto args = std::make_tuple(q, q_stride, kv, T_, pos0, pos_dev, H, KV, scale, out);
   switch (D) {
-    case 32: std::apply([&](auto... a) { attention_prefill_kernel<T, 32><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
-    case 64: std::apply([&](auto... a) { attention_prefill_kernel<T, 64><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
-    case 128: std::apply([&](auto... a) { attention_prefill_kernel<T, 128><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 32: std::apply([&](auto... a) { attention_prefill_kernel<T, 32, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 64: std::apply([&](auto... a) { attention_prefill_kernel<T, 64, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 128: std::apply([&](auto... a) { attention_prefill_kernel<T, 128, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
     default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
   }
   TMKIT_CUDA_LAUNCHED();
 }
 
-template void attention_prefill<__half>(const float*, size_t, const float*, const float*, size_t, int, int, const int*, int,
-                                        int, int, float, __half*, cudaStream_t);
-template void attention_prefill<__nv_bfloat16>(const float*, size_t, const float*, const float*, size_t, int, int,
-                                               const int*, int, int, int, float, __nv_bfloat16*, cudaStream_t);
+}  // namespace
 
-// Copies the K and V rows of qkv [T, (H + 2 KV) D] to rows pos .. pos + T - 1 of the caches [*, KV D].
-__global__ void kv_append_kernel(const float* qkv, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
-                                 float* v_cache) {
-  const int pos = (pos_dev ? *pos_dev : pos0) + int(blockIdx.x), row = KV * D;
-  const float* src = qkv + size_t(blockIdx.x) * (H + 2 * KV) * D + size_t(H) * D;
-  for (int c = threadIdx.x; c < row; c += blockDim.x) {
-    k_cache[size_t(pos) * row + c] = src[c];
-    v_cache[size_t(pos) * row + c] = src[row + c];
+template <typename T>
+void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int B, int T_,
+                       int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+  const QkvRowsReader kv{k, v, kv_stride, T_, D};
+  launch(q, q_stride, kv, B, T_, 0, nullptr, H, KV, D, scale, out, s);
+}
+
+template <typename T>
+void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0,
+                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+  switch (cache.bits) {
+    case 16: launch(q, q_stride, CacheReader<16>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
+    case 8: launch(q, q_stride, CacheReader<8>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
+    case 4: launch(q, q_stride, CacheReader<4>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
+    default: fail("attention: {} bits per KV value is not a cache format (16, 8, 4)", cache.bits);
   }
 }
 
-void kv_append(const float* qkv, int T_, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
-               float* v_cache, cudaStream_t s) {
-  kv_append_kernel<<<T_, 256, 0, s>>>(qkv, H, KV, D, pos0, pos_dev, k_cache, v_cache);
-  TMKIT_CUDA_LAUNCHED();
-}
+#define TMKIT_INSTANTIATE(T)                                                                                       \
+  template void attention_prefill<T>(const float*, size_t, const float*, const float*, size_t, int, int, int, int, int, \
+                                     float, T*, cudaStream_t);                                                      \
+  template void attention_prefill<T>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int, int,  \
+                                     float, T*, cudaStream_t);
+TMKIT_INSTANTIATE(__half)
+TMKIT_INSTANTIATE(__nv_bfloat16)
+#undef TMKIT_INSTANTIATE
 
 }  // namespace tmkit::cuda

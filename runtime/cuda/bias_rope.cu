@@ -2,17 +2,17 @@
 //   [ q: H heads x D | k: KV heads x D | v: KV heads x D ]
 // TurboMind stores q/k channels as interleaved pairs (2j, 2j+1) (hf2tm permutes HF's halves),
 // so pair j of a head is rotated by angle = position * inv_freq[j]. One block per token, one
-// thread per channel pair.
+// thread per channel pair. B sequences of T tokens: row b T + t is at position pos0 + t.
 #include "kernels.h"
 
 namespace tmkit::cuda {
 
 template <typename T>
 __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int H, int KV,
-                                 int D, int rot, int pos0, const int* pos_dev) {
+                                 int D, int rot, int T_, int pos0, const int* pos_dev) {
   const int width = (H + 2 * KV) * D;
   float* row = qkv + size_t(blockIdx.x) * width;
-  const float pos = float((pos_dev ? *pos_dev : pos0) + int(blockIdx.x));
+  const float pos = float((pos_dev ? *pos_dev : pos0) + int(blockIdx.x) % T_);  // row b T + t: position pos0 + t
   for (int p = threadIdx.x; p < width / 2; p += blockDim.x) {
     const int c = 2 * p;
     float a = row[c], b = row[c + 1];
@@ -36,15 +36,15 @@ __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_fre
 }
 
 template <typename T>
-void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D, int rot,
-               int pos0, const int* pos_dev, cudaStream_t s) {
-  bias_rope_kernel<<<T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, pos0, pos_dev);
+void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int B, int T_, int H, int KV, int D,
+               int rot, int pos0, const int* pos_dev, cudaStream_t s) {
+  bias_rope_kernel<<<B * T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, T_, pos0, pos_dev);
   TMKIT_CUDA_LAUNCHED();
 }
 
-template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, int, const int*,
-                                cudaStream_t);
+template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, int, int,
+                                const int*, cudaStream_t);
 template void bias_rope<__nv_bfloat16>(float*, const __nv_bfloat16*, const float*, float, int, int, int, int, int, int,
-                                       const int*, cudaStream_t);
+                                       int, const int*, cudaStream_t);
 
 }  // namespace tmkit::cuda

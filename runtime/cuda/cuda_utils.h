@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <string>
 
 #include "error.h"
 
@@ -59,6 +60,18 @@ class DeviceBuffer {
   T* ptr_ = nullptr;
   size_t n_ = 0;
 };
+
+// Fails with one line naming `what` (the consumer and the way out) when `needed` bytes cannot be
+// had: `held` of them are already allocated to the buffers about to be replaced, the rest must be
+// free. Checked before allocating so that users see this, not cudaMalloc's "out of memory".
+inline void require_device_memory(size_t needed, size_t held, const std::string& what) {
+  if (needed <= held) return;
+  size_t free = 0, total = 0;
+  TMKIT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  if (needed > free + held)
+    fail("{}: needs {:.1f} MiB of device memory, {:.1f} MiB available", what, double(needed) / (1 << 20),
+         double(free + held) / (1 << 20));
+}
 
 template <typename T> struct TypeOf;
 template <> struct TypeOf<__half> { static constexpr cudaDataType_t value = CUDA_R_16F; };

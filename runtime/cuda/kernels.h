@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cuda_utils.h"
+#include "kv_cache.h"
 
 namespace tmkit::cuda {
 
@@ -17,35 +18,38 @@ template <typename T>
 void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float eps, int T_, int hidden, T* y,
                  cudaStream_t s);
 
-// qkv [T, (H + 2KV) * D] in fp32: adds the bias (if any) to q, k and v, then rotates the first
-// `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by position * inv_freq[j].
-// Token t of the buffer sits at position pos0 + t.
+// qkv [B T, (H + 2KV) * D] in fp32 (B sequences of T tokens): adds the bias (if any) to q, k and v,
+// then rotates the first `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by
+// position * inv_freq[j]. Row b T + t of the buffer sits at position pos0 + t.
 // pos_dev, when given, holds pos0 in device memory (for CUDA graphs replayed at every position).
 template <typename T>
-void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int T_, int H, int KV, int D,
+void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int B, int T_, int H, int KV, int D,
                int rot, int pos0, const int* pos_dev, cudaStream_t s);
 
-// K and V heads of qkv quantized to `bits` and back, per token and kv head (../kv_quant.h).
+// K and V heads of qkv [T, (H + 2KV) D] as the KV cache would give them back (../kv_quant.h): `bits`
+// 8 or 4 quantize and dequantize per token and kv head, 16 rounds to fp16.
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s);
 
 // out[t, c] = silu(gu[t, c]) * gu[t, I + c] for gu = [gate | up] of width 2I.
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
 
-// Causal GQA attention of T queries at positions pos0 .. pos0 + T - 1 over keys/values 0 ..
-// pos0 + T - 1 (fp32, after bias and RoPE; q rows of stride q_stride, k/v rows of stride
-// kv_stride) into out [T, H * D]; never materializes the [T, T] scores.
+// Causal GQA attention of B sequences of T queries into out [B T, H D] (row b T + t); never
+// materializes the [T, T] scores (attention_prefill.cu). Queries: fp32 rows b T + t of q (stride
+// q_stride, head h at h D), after bias and RoPE.
+// Over the forward's own keys (positions 0 .. T - 1): k/v rows b T + t of stride kv_stride.
 template <typename T>
-void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int T_,
-                       int pos0, const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int B, int T_,
+                       int H, int KV, int D, float scale, T* out, cudaStream_t s);
+// Over the KV cache (queries at positions pos0 .. pos0 + T - 1, keys 0 .. pos0 + T - 1, already
+// appended); pos0 from pos_dev when given.
+template <typename T>
+void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0,
+                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
-// K and V rows of qkv [T, (H + 2 KV) D] into rows pos0 .. pos0 + T - 1 of the caches [*, KV D].
-void kv_append(const float* qkv, int T_, int H, int KV, int D, int pos0, const int* pos_dev, float* k_cache,
-               float* v_cache, cudaStream_t s);
-
-// W4A16 on tensor cores for M <= 128 rows (w4a16_mma.cu, which explains the packed layout):
+// W4A16 on tensor cores for M <= 32 rows (w4a16_mma.cu, which explains the packed layout):
 // y[M, N] (fp32) = x[M, K] (fp16) * W, W packed by w4_pack with fp16 scales and integer zeros
-// [K/128, N]. K % 128 == 0, N % 8 == 0. `variant` picks the column tiles per block (0: 8, 1: 16).
+// [K/128, N]. K % 128 == 0, N % 8 == 0. `variant` picks one of two block shapes (see the .cu).
 void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                float* y, cudaStream_t s, int variant = 0);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
@@ -56,5 +60,30 @@ void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __hal
 
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);
+
+// ---- Decode attention over the KV cache (attention_decode.cu, attention_combine.cu) ----
+
+// The most queries per sequence the decode kernel takes (decode steps are 1; a few more for
+// speculative or chunked steps). Longer inputs go to attention_prefill.
+constexpr int kDecodeMaxTokens = 4;
+
+// How the keys of a cache of `capacity` tokens are split: `chunks` blocks of `chunk` keys per
+// (sequence, kv head). Depends on the capacity only, so a CUDA graph replays at every position.
+struct DecodeSplit {
+  int chunk = 0, chunks = 0;
+};
+DecodeSplit attention_decode_split(int capacity);
+// Floats of scratch attention_decode needs for B sequences of T queries over `capacity` keys.
+size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity);
+
+// The same result as attention_prefill over the cache, for T <= kDecodeMaxTokens: split over keys
+// (partials in `scratch`), then merged in a fixed order (deterministic).
+template <typename T>
+void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0, const int* pos_dev,
+                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s);
+// Its second step: merges the per-chunk partials of every query row into out [B T, H D].
+template <typename T>
+void attention_combine(const float* part_acc, const float2* part_ml, int B, int T_, int H, int D, int chunk, int chunks,
+                       int pos0, const int* pos_dev, T* out, cudaStream_t s);
 
 }  // namespace tmkit::cuda

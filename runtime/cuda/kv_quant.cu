@@ -1,15 +1,21 @@
-// KV-cache quantize-dequantize in place on the fp32 qkv buffer (see ../kv_quant.h for the
-// scheme). One warp per (token, kv head, K or V); lane l holds channels l, l + 32, ... (D <= 128).
+// KV-cache round-trip in place on the fp32 qkv buffer (see ../kv_quant.h for the scheme): what a
+// forward without a cache applies to K and V so that it equals attention over the cache. bits 8/4:
+// quantize-dequantize; 16: round to fp16. One warp per (token, kv head, K or V); lane l holds
+// channels l, l + 32, ... (D <= 128).
 #include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace tmkit::cuda {
 
 __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bits) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+  const int warp = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
   if (warp >= T_ * KV * 2) return;  // uniform per warp
   const int t = warp / (2 * KV), rest = warp % (2 * KV);  // rest: k heads then v heads
   float* x = qkv + size_t(t) * (H + 2 * KV) * D + size_t(H) * D + size_t(rest) * D;
+  if (bits == 16) {  // uniform: the cache stores fp16
+    for (int c = lane; c < D; c += 32) x[c] = __half2float(__float2half_rn(x[c]));
+    return;
+  }
   float v[4];
   float lo = INFINITY, hi = -INFINITY;
   for (int i = 0; i < 4; ++i) {
@@ -35,8 +41,8 @@ __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bi
 
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s) {
   if (D > 128) fail("KV quantization: head_dim {} > 128 is not supported on the GPU", D);
-  const int warps = T_ * KV * 2;
-  kv_quant_kernel<<<(warps * 32 + 255) / 256, 256, 0, s>>>(qkv, T_, H, KV, D, bits);
+  const int64_t threads = int64_t(T_) * KV * 2 * 32;
+  kv_quant_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(qkv, T_, H, KV, D, bits);
   TMKIT_CUDA_LAUNCHED();
 }
 

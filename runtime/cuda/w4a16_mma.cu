@@ -1,5 +1,7 @@
 // W4A16 on tensor cores: Y[M, N] (fp32) = X[M, K] (fp16) * W[K, N], W int4 with group 128, for
-// M <= 128 (decode and small batches; longer inputs dequantize and use cuBLAS).
+// M <= 32 (decode and small batches; longer inputs dequantize and use cuBLAS, which is faster from
+// M ~ 48: this kernel reads x from L2 per warp, without a shared-memory tile; a Marlin-style
+// GEMM would be the next step for batches).
 //
 // Why tensor cores for a GEMV: at M = 1 the work is memory-bound, but an int4 weight streams at
 // ~8.5e12 weights/s on an H200 against ~3.3e13 thread-instructions/s, so the kernel may spend
@@ -29,7 +31,8 @@
 // Work split: a block owns NT 8-column tiles and MT m16 tiles of rows; its 8 warps split K
 // (warp w takes groups w, w + 8, ...), each streaming its units with the next group's loads in
 // flight, and meet once in shared memory (in warp order: deterministic). x comes straight from
-// global memory (read-only path, L1-resident: at most 128 rows), weights bypass L1.
+// global memory (read-only path, L1-resident for small M), weights bypass L1. M <= 16 runs the
+// swapped GEMV form below (w4a16_gemv_kernel), M <= 32 this one.
 #include "kernels.h"
 
 namespace tmkit::cuda {
@@ -401,8 +404,8 @@ void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __hal
 
 void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                float* y, cudaStream_t s, int variant) {
-  if (M < 1 || M > 128 || K % kGroup || N % 8 || K % 8)
-    fail("w4a16_mma: unsupported shape M={} K={} N={} (M <= 128, K % 128, N % 8)", M, K, N);
+  if (M < 1 || M > 32 || K % kGroup || N % 8)
+    fail("w4a16_mma: unsupported shape M={} K={} N={} (M <= 32, K % 128, N % 8)", M, K, N);
   using Launch = void (*)(const __half*, int, int, int, const uint32_t*, const __half*, const __half*, float*, cudaStream_t);
   Launch f = nullptr;
   if (M <= 16 && N % 16 == 0) {
@@ -410,8 +413,7 @@ void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, con
     if (M <= 8) f = variant == 1 ? launch_gemv<1, 1, 3> : launch_gemv<1, 1, 2>;
     else f = wide ? launch_gemv<2, 2, 1> : launch_gemv<2, 1, 2>;
   } else if (M <= 16) f = launch<1, true, 1, 2>;
-  else if (M <= 32) f = N % 16 == 0 ? (variant ? launch<2, true, 2, 1> : launch<2, true, 1, 2>) : launch<2, true, 1, 1>;
-  else f = N % 16 == 0 && variant ? launch<4, true, 2, 1> : launch<4, true, 1, 1>;
+  else f = N % 16 == 0 ? (variant ? launch<2, true, 2, 1> : launch<2, true, 1, 2>) : launch<2, true, 1, 1>;
   f(x, M, K, N, packed, scales, zeros, y, s);
 }
 

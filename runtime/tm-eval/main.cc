@@ -23,7 +23,7 @@ struct Options {
   std::string model, tokens, text, device = "auto", output;
   tmkit::DatasetOptions dataset;
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  int64_t n = 64, ctx = 512, chunks = 0, prompt = 512, gen = 128;
+  int64_t n = 64, ctx = 512, chunks = 0, prompt = 512, gen = 128, batch = 1;
   int reps = 5;
   std::string format = "md";
   bool json = false, quiet = false, force = false, add_special = false;
@@ -62,9 +62,14 @@ struct Runtime {
   }
   const tmkit::TmConfig& config() const { return gpu ? gpu->config() : cpu->config(); }
   tmkit::Mat forward(const int32_t* t, int64_t T) const { return gpu ? gpu->forward(t, T) : cpu->forward(t, T); }
-  tmkit::ChunkScorer scorer() const {
-    if (gpu) return [this](const int32_t* t, int64_t T, double* s, double* s2) { gpu->nll_sums(t, T, s, s2); };
-    return tmkit::score_from_logits([this](const int32_t* t, int64_t T) { return cpu->forward(t, T); });
+  // Scores `count` chunks at once: one batched forward on the GPU, one chunk after another on the CPU.
+  tmkit::BatchScorer scorer() const {
+    if (gpu)
+      return [this](const int32_t* t, int64_t count, int64_t T, double* s, double* s2) { gpu->nll_sums_batch(t, count, T, s, s2); };
+    const tmkit::ChunkScorer one = tmkit::score_from_logits([this](const int32_t* t, int64_t T) { return cpu->forward(t, T); });
+    return [one](const int32_t* t, int64_t count, int64_t T, double* s, double* s2) {
+      for (int64_t i = 0; i < count; ++i) one(t + i * T, T, s + i, s2 + i);
+    };
   }
   std::string name() const { return gpu ? "cuda (" + gpu->device_name() + ")" : "cpu"; }
 };
@@ -98,9 +103,10 @@ int run_logits(const Options& o) {
 int run_ppl(const Options& o, tmkit::Progress& progress) {
   const Runtime model(o);
   const auto ids = input_tokens(o, model.config().vocab_size);
-  const auto r = tmkit::perplexity(model.scorer(), ids, o.ctx, o.chunks, model.threads, [&](int64_t d, int64_t n, double p) {
-    progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
-  });
+  const auto r = tmkit::perplexity_batched(model.scorer(), o.batch, ids, o.ctx, o.chunks, model.threads,
+                                           [&](int64_t d, int64_t n, double p) {
+                                             progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
+                                           });
   progress.finish();
   if (o.json) {
     nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()}, {"kv", o.kv},
@@ -117,7 +123,10 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
 
 // llama-bench style: prompt processing (pp: one prefill of -p tokens) and token generation (tg:
 // -n single-token decode steps from an empty cache), tokens/s mean and standard deviation over -r
-// repetitions after a warm-up. Token ids are a fixed pseudo-random sequence.
+// repetitions after a warm-up. Token ids are a fixed pseudo-random sequence. With -b B, B sequences
+// run in parallel, each with its own cache: pp prefills B prompts in one forward, tg advances the B
+// sequences in lockstep (one token each per step); tokens/s counts all B tokens, and the test names
+// say the batch ("pp512 @ b8", as llama-bench's "@ d" for depth).
 int run_bench(const Options& o) {
   if (o.device == "cpu") tmkit::fail("tm-eval bench: runs on --device cuda (the CPU oracle has no KV cache)");
   const tmkit::ModelWeights w = tmkit::load_workspace(o.model);
@@ -125,7 +134,8 @@ int run_bench(const Options& o) {
   tmkit::parse_kv_mode(o.kv, &kv);
   tmkit::GpuModel gpu(w, kv);
   const tmkit::TmConfig& c = w.cfg;
-  std::vector<int32_t> ids(size_t(std::max(o.prompt, o.gen)));
+  const int64_t B = o.batch;
+  std::vector<int32_t> ids(size_t(std::max(o.prompt, o.gen) * B));
   tmkit::SplitMix64 rng{42};
   for (auto& id : ids) id = int32_t(rng.below(uint64_t(c.vocab_size)));
   uint64_t weight_bytes = 0;
@@ -143,12 +153,13 @@ int run_bench(const Options& o) {
     gpu.synchronize();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  auto pp = [&] { gpu.reset(o.prompt); gpu.append(ids.data(), o.prompt); };
-  auto tg = [&] { gpu.reset(o.gen); for (int64_t i = 0; i < o.gen; ++i) gpu.append(ids.data() + i, 1); };
+  auto pp = [&] { gpu.reset(o.prompt, B); gpu.append(ids.data(), o.prompt); };  // sequence b: ids[b p ..]
+  auto tg = [&] { gpu.reset(o.gen, B); for (int64_t i = 0; i < o.gen; ++i) gpu.append(ids.data() + i * B, 1); };
+  const std::string at_batch = B > 1 ? fmt::format(" @ b{}", B) : "";
   struct Row { std::string test; double mean, sd; };
   std::vector<Row> rows;
-  for (auto [name, tokens, body] : {std::tuple{fmt::format("pp{}", o.prompt), o.prompt, std::function<void()>(pp)},
-                                    std::tuple{fmt::format("tg{}", o.gen), o.gen, std::function<void()>(tg)}}) {
+  for (auto [name, tokens, body] : {std::tuple{fmt::format("pp{}{}", o.prompt, at_batch), o.prompt * B, std::function<void()>(pp)},
+                                    std::tuple{fmt::format("tg{}{}", o.gen, at_batch), o.gen * B, std::function<void()>(tg)}}) {
     if (tokens <= 0) continue;
     time_it(body);  // warm-up: handles, buffers, clocks
     std::vector<double> rate;
@@ -214,6 +225,8 @@ int main(int argc, char** argv) {
   add_model_inputs(ppl, o);
   ppl->add_option("-c,--ctx-size", o.ctx, "tokens per chunk")->check(CLI::Range(2, 1 << 20));
   ppl->add_option("--chunks", o.chunks, "score only the first N chunks (default: all)")->check(CLI::NonNegativeNumber);
+  ppl->add_option("-b,--batch", o.batch, "chunks per forward batch on the GPU (the CPU scores them one by one)")
+      ->check(CLI::Range(1, 65535));
   ppl->add_flag("--json", o.json, "print a JSON report on stdout");
   ppl->add_flag("-q,--quiet", o.quiet, "no progress on stderr");
 
@@ -222,6 +235,8 @@ int main(int argc, char** argv) {
   bench->add_option("-p,--n-prompt", o.prompt, "prompt tokens for pp (0: skip)")->check(CLI::Range(0, 1 << 20));
   bench->add_option("-n,--n-gen", o.gen, "generated tokens for tg (0: skip)")->check(CLI::Range(0, 1 << 20));
   bench->add_option("-r,--repetitions", o.reps, "repetitions (mean and standard deviation)")->check(CLI::Range(1, 1000));
+  bench->add_option("-b,--batch", o.batch, "sequences in parallel, each with its own KV cache (tokens/s counts all)")
+      ->check(CLI::Range(1, 65535));
   bench->add_option("-o,--output", o.format, "md, csv or json")->check(CLI::IsMember({"md", "csv", "json"}));
   bench->add_option("--device", o.device, "cuda (auto picks it when present)")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   bench->add_option("--kv", o.kv, "KV cache: fp16, int8 or int4")->check(CLI::IsMember({"fp16", "int8", "int4"}));

@@ -1,0 +1,268 @@
+// Causal GQA attention of a few queries (T <= 4; decode steps are T = 1) over a long KV cache,
+// flash-decoding style. A decode step's attention is a stream over the cache, p * KV * D * 2
+// values at position p, with almost no arithmetic per value: what matters is reading the cache
+// once, with enough blocks in flight, at any position.
+//
+// Split over keys: grid (chunks, KV * row_groups, B). Block (c, y, b) takes keys
+// [c chunk, (c + 1) chunk) of kv head y / row_groups of sequence b and ALL query rows of that kv
+// head's GQA group (R = G T rows: G = H / KV query heads times T tokens; row r is token r / G of
+// head kvh G + r % G), up to ROWS of them (more rows: several row groups, the only case that reads
+// K/V twice). So each key and value is loaded from memory once per step, whatever G is. The grid
+// is sized by the cache's capacity, not the position, so that one CUDA graph replays at every
+// position: blocks whose chunk starts past the position (read from pos_dev) exit at once.
+//
+// Inside a block: 4 warps; a key is read by L = D / 8 consecutive lanes, each holding 8
+// consecutive channels (one 16/8/4-byte vector load for fp16/int8/int4: a key's row is one
+// contiguous, coalesced read), so a warp reads KPS = 32 / L keys per step and keeps U steps of K
+// and V loads in flight before using them. Each lane keeps that key slot's running max m, sum l and
+// accumulator over its 8 channels (online softmax, log2 domain: q is pre-scaled by
+// softmax_scale * log2 e, so exponentials are exp2f); the L lanes of a key sum their partial dot
+// products with log2(L) butterfly shuffles. Without a per-key broadcast, V needs no exchange at
+// all: the lane that holds channels 8i..8i+7 of K also accumulates channels 8i..8i+7 of the output.
+// At the end the key slots of a warp merge by shuffles, the 4 warps through shared memory
+// (acc_s [4][ROWS][D]), always in the same order.
+//
+// The block writes its chunk's unnormalized partial (acc[D], and (m, l)) per query row to scratch
+// [B][T][H][chunks]; attention_combine.cu merges the chunks in order: no float atomics, so the
+// result does not depend on scheduling, and is the same at every replay.
+#include "kernels.h"
+#include "kv_cache.cuh"
+
+namespace tmkit::cuda {
+
+namespace {
+
+constexpr int kWarps = 4, kMinChunk = 64, kMaxChunks = 64;
+
+template <int D, int BITS, int ROWS>
+__global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const float* q, size_t q_stride, KvLayer cache,
+                                                                      int T_, int pos0, const int* pos_dev, int H, int KV,
+                                                                      int row_groups, float scale_log2, int chunk,
+                                                                      int chunks, float* part_acc, float2* part_ml) {
+  using Kv = CacheReader<BITS>;
+  using Raw = typename Kv::Raw;
+  constexpr int L = D / 8, KPS = 32 / L, U = ROWS >= 8 ? 2 : 4, kStep = KPS * U;
+  __shared__ float acc_s[kWarps][ROWS][D];
+  __shared__ float m_s[kWarps][ROWS], l_s[kWarps][ROWS];
+
+  if (pos_dev) pos0 = *pos_dev;
+  const int key_end = pos0 + T_, c = blockIdx.x, first = c * chunk;
+  if (first >= key_end) return;  // uniform across the block, before any barrier
+  const int last = min(first + chunk, key_end);
+  const int kvh = blockIdx.y / row_groups, r0 = (blockIdx.y % row_groups) * ROWS, seq = blockIdx.z;
+  const int G = H / KV, R = G * T_;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slot = lane / L, grp = lane % L;
+  const Kv kv{cache};
+
+  float qr[ROWS][8], m[ROWS], l[ROWS], acc[ROWS][8];
+  int limit[ROWS];  // the last key row r may see (causal); -1 for rows past R
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int r = r0 + rr;
+    limit[rr] = -1;
+    m[rr] = -INFINITY;
+    l[rr] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qr[rr][i] = acc[rr][i] = 0.0f;
+    if (r < R) {
+      const int t = r / G, h = kvh * G + r % G;
+      const float4* src = reinterpret_cast<const float4*>(q + (size_t(seq) * T_ + t) * q_stride + size_t(h) * D + 8 * grp);
+      const float4 a = src[0], b = src[1];
+      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qr[rr][i] = v[i] * scale_log2;
+      limit[rr] = pos0 + t;
+    }
+  }
+
+  for (int base = first + warp * kStep; base < last; base += kWarps * kStep) {
+    Raw kr[U], vr[U];
+    float2 kp[U], vp[U];
+    int key[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // all loads first: U keys' K and V in flight together
+      key[u] = base + u * KPS + slot;
+      if (key[u] < last) {
+        kr[u] = kv.load(false, seq, kvh, key[u], grp);
+        vr[u] = kv.load(true, seq, kvh, key[u], grp);
+        kp[u] = kv.param(false, seq, kvh, key[u]);
+        vp[u] = kv.param(true, seq, kvh, key[u]);
+      } else {
+        kr[u] = vr[u] = Raw{};
+        kp[u] = vp[u] = make_float2(0.0f, 0.0f);  // dequantizes to 0: finite, and its p is 0
+      }
+    }
+    float s[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      Kv::to_float(kr[u], kp[u], kf);
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot += qr[rr][i] * kf[i];
+        s[u][rr] = dot;
+      }
+    }
+#pragma unroll
+    for (int o = 1; o < L; o <<= 1)  // every lane takes part: the L lanes of a key sum their parts
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) s[u][rr] += __shfl_xor_sync(0xffffffffu, s[u][rr], o);
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      float smax = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (key[u] >= last || key[u] > limit[rr]) s[u][rr] = -INFINITY;
+        smax = fmaxf(smax, s[u][rr]);
+      }
+      const float m_new = fmaxf(m[rr], smax);
+      const bool any = m_new != -INFINITY;  // this key slot has seen a visible key of row rr
+      const float corr = any ? exp2f(m[rr] - m_new) : 1.0f;
+      l[rr] *= corr;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[rr][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u][rr] = any ? exp2f(s[u][rr] - m_new) : 0.0f;  // now the probability weight p
+        l[rr] += s[u][rr];
+      }
+      m[rr] = m_new;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[8];
+      Kv::to_float(vr[u], vp[u], vf);
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[rr][i] += s[u][rr] * vf[i];
+    }
+  }
+
+  // Merge the KPS key slots of the warp (lanes grp, grp + L, ...), then the warps.
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    float M = m[rr];
+#pragma unroll
+    for (int o = L; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float f = M == -INFINITY ? 0.0f : exp2f(m[rr] - M);
+    l[rr] *= f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[rr][i] *= f;
+#pragma unroll
+    for (int o = L; o < 32; o <<= 1) {
+      l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], o);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[rr][i] += __shfl_xor_sync(0xffffffffu, acc[rr][i], o);
+    }
+    m[rr] = M;
+    if (slot == 0)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc_s[warp][rr][8 * grp + i] = acc[rr][i];
+    if (lane == 0) {
+      m_s[warp][rr] = m[rr];
+      l_s[warp][rr] = l[rr];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
+    const int rr = idx / D, d = idx % D, r = r0 + rr;
+    if (r >= R) continue;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, m_s[w][rr]);
+    float num = 0.0f, den = 0.0f;
+    if (M != -INFINITY)
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(m_s[w][rr] - M);
+        num += acc_s[w][rr][d] * f;
+        den += l_s[w][rr] * f;
+      }
+    const int t = r / G, h = kvh * G + r % G;
+    const size_t part = ((size_t(seq) * T_ + t) * H + h) * size_t(chunks) + size_t(c);
+    part_acc[part * D + d] = num;
+    if (d == 0) part_ml[part] = make_float2(M, den);
+  }
+}
+
+template <int D, int BITS>
+void launch_rows(int rows_template, dim3 grid, cudaStream_t s, const float* q, size_t q_stride, const KvLayer& cache,
+                 int T_, int pos0, const int* pos_dev, int H, int KV, int row_groups, float scale_log2, int chunk,
+                 int chunks, float* part_acc, float2* part_ml) {
+#define TMKIT_ARGS q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups, scale_log2, chunk, chunks, part_acc, part_ml
+  switch (rows_template) {
+    case 1: attention_decode_kernel<D, BITS, 1><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
+    case 2: attention_decode_kernel<D, BITS, 2><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
+    case 4: attention_decode_kernel<D, BITS, 4><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
+    default: attention_decode_kernel<D, BITS, 8><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
+  }
+#undef TMKIT_ARGS
+}
+
+template <int D>
+void launch_bits(int bits, int rows_template, dim3 grid, cudaStream_t s, const float* q, size_t q_stride,
+                 const KvLayer& cache, int T_, int pos0, const int* pos_dev, int H, int KV, int row_groups,
+                 float scale_log2, int chunk, int chunks, float* part_acc, float2* part_ml) {
+  switch (bits) {
+    case 16: return launch_rows<D, 16>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                                       scale_log2, chunk, chunks, part_acc, part_ml);
+    case 8: return launch_rows<D, 8>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                                     scale_log2, chunk, chunks, part_acc, part_ml);
+    case 4: return launch_rows<D, 4>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                                     scale_log2, chunk, chunks, part_acc, part_ml);
+    default: fail("attention: {} bits per KV value is not a cache format (16, 8, 4)", bits);
+  }
+}
+
+}  // namespace
+
+DecodeSplit attention_decode_split(int capacity) {
+  DecodeSplit sp{kMinChunk, 0};
+  while ((capacity + sp.chunk - 1) / sp.chunk > kMaxChunks) sp.chunk *= 2;
+  sp.chunks = (capacity + sp.chunk - 1) / sp.chunk;
+  return sp;
+}
+
+size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity) {
+  const size_t parts = size_t(B) * size_t(T_) * size_t(H) * size_t(attention_decode_split(capacity).chunks);
+  return parts * size_t(D) + parts * 2;  // acc[D] and (m, l) per part
+}
+
+template <typename T>
+void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0, const int* pos_dev,
+                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s) {
+  if (D != cache.head_dim) fail("attention: head_dim {} differs from the KV cache's {}", D, cache.head_dim);
+  if (B < 1 || B > 65535) fail("attention: batch {} is outside 1 .. 65535 sequences", B);
+  if (T_ < 1 || T_ > kDecodeMaxTokens) fail("attention: decode takes 1 .. {} queries per sequence, not {}", kDecodeMaxTokens, T_);
+  const DecodeSplit sp = attention_decode_split(cache.capacity);
+  const int R = (H / KV) * T_;
+  const int rows_template = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
+  const int row_groups = (R + rows_template - 1) / rows_template;
+  const dim3 grid(sp.chunks, KV * row_groups, B);
+  const float scale_log2 = scale * 1.4426950408889634f;
+  float* part_acc = scratch;
+  float2* part_ml = reinterpret_cast<float2*>(scratch + size_t(B) * T_ * H * sp.chunks * D);  // 8-byte aligned: D is even
+  switch (D) {
+    case 32: launch_bits<32>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                             scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
+    case 64: launch_bits<64>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                             scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
+    case 128: launch_bits<128>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
+                               scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
+    default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
+  }
+  TMKIT_CUDA_LAUNCHED();
+  attention_combine<T>(part_acc, part_ml, B, T_, H, D, sp.chunk, sp.chunks, pos0, pos_dev, out, s);
+}
+
+template void attention_decode<__half>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int, int,
+                                       float, float*, __half*, cudaStream_t);
+template void attention_decode<__nv_bfloat16>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int,
+                                              int, float, float*, __nv_bfloat16*, cudaStream_t);
+
+}  // namespace tmkit::cuda
