@@ -1,36 +1,64 @@
 // Residual add fused with RMSNorm. One block per row:
 //   x[t, :] += delta[t, :] (+ bias)        fp32 residual stream, updated in place
 //   y[t, :]  = x / sqrt(mean(x^2) + eps) * w   in T, the next GEMM's input
-// The row is read once into registers-by-stride and written twice (x and y).
+// A thread owns kPer channels c = threadIdx.x + i * 1024, held in registers from one batch of
+// independent loads: with a strided loop over the row (store, then load, in turn) each thread's
+// loads ran one after another, 10-14 us per decode row for hidden 4096 (ncu), now one round trip.
 #include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace tmkit::cuda {
 
-template <typename T>
-__global__ void add_rmsnorm_kernel(float* x, const float* delta, const T* bias, const T* w, float eps, int hidden, T* y) {
+namespace {
+
+constexpr int kThreads = 1024, kMaxPer = 16;  // hidden <= 16384
+
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta,
+                                                              const T* __restrict__ bias, const T* __restrict__ w,
+                                                              float eps, int hidden, T* __restrict__ y) {
   __shared__ float scratch[32];
   float* row = x + size_t(blockIdx.x) * hidden;
   const float* d = delta ? delta + size_t(blockIdx.x) * hidden : nullptr;
+  float v[kPer];
   float ss = 0.0f;
-  for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-    float v = row[c];
-    if (d) {
-      v += d[c] + (bias ? to_float(bias[c]) : 0.0f);
-      row[c] = v;
-    }
-    ss += v * v;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    v[i] = c < hidden ? row[c] : 0.0f;
+    if (d && c < hidden) v[i] += d[c] + (bias ? to_float(bias[c]) : 0.0f);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    if (d && c < hidden) row[c] = v[i];
+    ss += v[i] * v[i];
   }
   const float inv = rsqrtf(block_sum(ss, scratch) / float(hidden) + eps);
   T* out = y + size_t(blockIdx.x) * hidden;
-  for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[c] = from_float<T>(row[c] * inv * to_float(w[c]));
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    if (c < hidden) out[c] = from_float<T>(v[i] * inv * to_float(w[c]));
+  }
 }
+
+template <typename T, int kPer>
+void launch(float* x, const float* delta, const T* bias, const T* w, float eps, int T_, int hidden, T* y, cudaStream_t s) {
+  if (hidden > kPer * kThreads) {
+    if constexpr (kPer < kMaxPer) return launch<T, kPer * 2>(x, delta, bias, w, eps, T_, hidden, y, s);
+    fail("RMSNorm: hidden size {} > {} is not supported on the GPU", hidden, kMaxPer * kThreads);
+  }
+  add_rmsnorm_kernel<T, kPer><<<T_, kThreads, 0, s>>>(x, delta, bias, w, eps, hidden, y);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+}  // namespace
 
 template <typename T>
 void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float eps, int T_, int hidden, T* y,
                  cudaStream_t s) {
-  add_rmsnorm_kernel<<<T_, 256, 0, s>>>(x, delta, bias, w, eps, hidden, y);
-  TMKIT_CUDA_LAUNCHED();
+  launch<T, 1>(x, delta, bias, w, eps, T_, hidden, y, s);
 }
 
 template void add_rmsnorm<__half>(float*, const float*, const __half*, const __half*, float, int, int, __half*, cudaStream_t);

@@ -1,44 +1,47 @@
 // q/k/v bias and rotary embedding on the fp32 qkv buffer, in place. Layout of one token's row:
 //   [ q: H heads x D | k: KV heads x D | v: KV heads x D ]
 // TurboMind stores q/k channels as interleaved pairs (2j, 2j+1) (hf2tm permutes HF's halves),
-// so pair j of a head is rotated by angle = position * inv_freq[j]. One block per token, one
-// thread per channel pair. B sequences of T tokens: row b T + t is at position pos0 + t.
+// so pair j of a head is rotated by angle = position * inv_freq[j]. One thread per channel pair
+// of the whole buffer (a block per token made decode a 9 us chain of dependent loads; ncu).
+// B sequences of T tokens: row b T + t is at position pos0 + t.
 #include "kernels.h"
 
 namespace tmkit::cuda {
 
 template <typename T>
 __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int H, int KV,
-                                 int D, int rot, int T_, int pos0, const int* pos_dev) {
-  const int width = (H + 2 * KV) * D;
-  float* row = qkv + size_t(blockIdx.x) * width;
-  const float pos = float((pos_dev ? *pos_dev : pos0) + int(blockIdx.x) % T_);  // row b T + t: position pos0 + t
-  for (int p = threadIdx.x; p < width / 2; p += blockDim.x) {
-    const int c = 2 * p;
-    float a = row[c], b = row[c + 1];
-    if (bias) {
-      a += to_float(bias[c]);
-      b += to_float(bias[c + 1]);
-    }
-    const int j = (c % D) / 2;
-    if (c < (H + KV) * D && 2 * j < rot) {  // q and k heads only; v is not rotated
-      float sn, cs;
-      sincosf(pos * inv_freq[j], &sn, &cs);
-      sn *= rope_scale;
-      cs *= rope_scale;
-      const float a0 = a;
-      a = a0 * cs - b * sn;
-      b = a0 * sn + b * cs;
-    }
-    row[c] = a;
-    row[c + 1] = b;
+                                 int D, int rot, int rows, int T_, int pos0, const int* pos_dev) {
+  const int pairs = (H + 2 * KV) * D / 2;
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= size_t(rows) * pairs) return;
+  const int r = int(i / size_t(pairs)), c = 2 * int(i % size_t(pairs));
+  float* row = qkv + size_t(r) * 2 * pairs;
+  float a = row[c], b = row[c + 1];
+  if (bias) {
+    a += to_float(bias[c]);
+    b += to_float(bias[c + 1]);
   }
+  const int j = (c % D) / 2;
+  if (c < (H + KV) * D && 2 * j < rot) {  // q and k heads only; v is not rotated
+    const float pos = float((pos_dev ? *pos_dev : pos0) + r % T_);  // row b T + t: position pos0 + t
+    float sn, cs;
+    sincosf(pos * inv_freq[j], &sn, &cs);
+    sn *= rope_scale;
+    cs *= rope_scale;
+    const float a0 = a;
+    a = a0 * cs - b * sn;
+    b = a0 * sn + b * cs;
+  }
+  row[c] = a;
+  row[c + 1] = b;
 }
 
 template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int B, int T_, int H, int KV, int D,
                int rot, int pos0, const int* pos_dev, cudaStream_t s) {
-  bias_rope_kernel<<<B * T_, 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, T_, pos0, pos_dev);
+  const size_t n = size_t(B) * T_ * (H + 2 * KV) * D / 2;
+  bias_rope_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, B * T_, T_,
+                                                            pos0, pos_dev);
   TMKIT_CUDA_LAUNCHED();
 }
 

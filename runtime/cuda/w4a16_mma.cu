@@ -85,6 +85,27 @@ __device__ inline void dequant_word(uint32_t v, const Zero& z, uint32_t (&b)[4])
   }
 }
 
+// The block's warps hold partials of the same outputs (kRegs accumulators per lane); they meet in
+// shared memory and are added in warp order, so results do not depend on timing. place(i, lane)
+// is the (row, column) of accumulator i of that lane; rows from M on are not stored.
+template <int kRegs, typename Place>
+__device__ inline void reduce_warps_and_store(const float (&acc)[kRegs], float (&red)[kWarps][kRegs][32], int M, int N,
+                                              float* y, Place place) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) red[warp][i][lane] = acc[i];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
+    const int i = idx / 32, l = idx % 32;
+    const int2 at = place(i, l);
+    if (at.x >= M) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[w][i][l];
+    y[size_t(at.x) * N + at.y] = sum;
+  }
+}
+
 // One group's loads for one 8-column tile: the lane's 32 codes, its column's zero, and the
 // scales of the two columns its accumulators hold (2c, 2c + 1).
 struct Unit {
@@ -196,22 +217,10 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
   }
   }
 
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) red[warp][(mt * NT + nt) * 4 + r][lane] = acc[mt][nt][r];
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
-    const int i = idx / 32, l = idx % 32, r = i % 4, nt = (i / 4) % NT, mt = i / (4 * NT);
-    const int row = m0 + 16 * mt + l / 4 + (r >= 2 ? 8 : 0), col = (tile0 + nt) * 8 + 2 * (l % 4) + (r & 1);
-    if (row >= M) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[w][i][l];
-    y[size_t(row) * N + col] = sum;
-  }
+  reduce_warps_and_store<kRegs>(reinterpret_cast<const float(&)[kRegs]>(acc), red, M, N, y, [&](int i, int l) {
+    const int r = i % 4, nt = (i / 4) % NT, mt = i / (4 * NT);
+    return make_int2(m0 + 16 * mt + l / 4 + (r >= 2 ? 8 : 0), (tile0 + nt) * 8 + 2 * (l % 4) + (r & 1));
+  });
 }
 
 // M <= 16: the roles swap. A = W^T (16 columns: the lane's column g of tiles 2p and 2p + 1,
@@ -315,22 +324,10 @@ __global__ void __launch_bounds__(kWarps * 32, MB == 1 ? 3 : 2) w4a16_gemv_kerne
     }
   }
 
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-    for (int p = 0; p < NP; ++p)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) red[warp][(mb * NP + p) * 4 + r][lane] = acc[mb][p][r];
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kRegs * 32; idx += kWarps * 32) {
-    const int i = idx / 32, l = idx % 32, r = i % 4, p = (i / 4) % NP, mb = i / (4 * NP);
-    const int row = 8 * mb + 2 * (l % 4) + (r & 1), col = (tile0 + 2 * p + (r >= 2)) * 8 + l / 4;
-    if (row >= M) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[w][i][l];
-    y[size_t(row) * N + col] = sum;
-  }
+  reduce_warps_and_store<kRegs>(reinterpret_cast<const float(&)[kRegs]>(acc), red, M, N, y, [&](int i, int l) {
+    const int r = i % 4, p = (i / 4) % NP, mb = i / (4 * NP);
+    return make_int2(8 * mb + 2 * (l % 4) + (r & 1), (tile0 + 2 * p + (r >= 2)) * 8 + l / 4);
+  });
 }
 
 // packed word o (see the layout above) from qweight [K, N/8] (v0.6: column 8w + j at bits 4j).
