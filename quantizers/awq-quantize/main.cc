@@ -1,11 +1,11 @@
-// awq-quantize: W4 quantization of a model. See README.md beside this file. This first version
-// carries the no-search baseline (--method rtn) into a TurboMind workspace; the AWQ search and
-// the hf-awq output format follow (issue 5).
+// awq-quantize: W4 quantization of a model. See README.md beside this file. This version carries
+// the no-search baseline (--method rtn) into both outputs; the AWQ search follows (issue 5).
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "error.h"
 #include "hf2tm.h"
+#include "hf_awq.h"
 #include "rtn.h"
 #include "turbomind.h"
 
@@ -33,36 +33,46 @@ int main(int argc, char** argv) {
 
   try {
     tmkit::install_interrupt_handler();
-    if (method != "rtn" || format != "turbomind")
-      tmkit::fail("--method {} --format {}: this build quantizes with --method rtn --format turbomind only", method, format);
-    tmkit::fs::path ws = src;
-    tmkit::fs::path converted;
-    if (!tmkit::fs::exists(tmkit::weights_dir(src) / "config.yaml")) {  // an HF folder: convert it next to the output
-      converted = work_dir;
-      converted += ".fp16-workspace.tmp";
-      tmkit::Hf2TmOptions o;
-      o.src = src;
-      o.dst = converted;
-      o.force = true;
-      tmkit::convert_hf_to_tm(o);
-      ws = converted;
-    }
-    tmkit::RtnReport rep;
-    try {
-      rep = tmkit::quantize_workspace_rtn(ws, work_dir, group, force);
-    } catch (...) {
+    if (method != "rtn") tmkit::fail("--method awq: the AWQ search is not in this build yet; --method rtn is");
+    const bool workspace_input = tmkit::fs::exists(tmkit::weights_dir(src) / "config.yaml");
+    int64_t linears = 0;
+    double seconds = 0;
+    if (format == "hf-awq") {
+      if (workspace_input) tmkit::fail("{}: --format hf-awq needs a Hugging Face model folder as input", src.string());
+      const auto rep = tmkit::write_hf_awq_rtn(src, work_dir, group, force);
+      linears = rep.linears;
+      seconds = rep.seconds;
+    } else {
+      tmkit::fs::path ws = src, converted;
+      if (!workspace_input) {  // an HF folder: convert it next to the output first
+        converted = work_dir;
+        converted += ".fp16-workspace.tmp";
+        tmkit::Hf2TmOptions o;
+        o.src = src;
+        o.dst = converted;
+        o.force = true;
+        tmkit::convert_hf_to_tm(o);
+        ws = converted;
+      }
+      tmkit::RtnReport rep;
+      try {
+        rep = tmkit::quantize_workspace_rtn(ws, work_dir, group, force);
+      } catch (...) {
+        if (!converted.empty()) tmkit::fs::remove_all(converted);
+        throw;
+      }
       if (!converted.empty()) tmkit::fs::remove_all(converted);
-      throw;
+      linears = rep.linears;
+      seconds = rep.seconds;
     }
-    if (!converted.empty()) tmkit::fs::remove_all(converted);
     if (json) {
       nlohmann::json j = {{"source", src.string()}, {"work_dir", work_dir.string()}, {"method", method},
                           {"format", format},       {"w_bits", w_bits},              {"group_size", group},
-                          {"linears", rep.linears}, {"seconds", rep.seconds}};
+                          {"linears", linears},     {"seconds", seconds}};
       fmt::print("{}\n", j.dump(2));
     } else {
-      fmt::print(stderr, "awq-quantize: {} linears quantized (rtn, w{}g{}) into {} in {:.2f} s\n", rep.linears, w_bits,
-                 group, work_dir.string(), rep.seconds);
+      fmt::print(stderr, "awq-quantize: {} linears quantized (rtn, w{}g{}, {}) into {} in {:.2f} s\n", linears, w_bits,
+                 group, format, work_dir.string(), seconds);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -1,0 +1,110 @@
+// Quantizer outputs on the CPU: the AutoAWQ GEMM packing (hand-computed words, round trips) and
+// the hf-awq checkpoint awq-quantize writes (its codes, scales, config and files, byte-identical
+// reruns, bad inputs).
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "error.h"
+#include "hf_awq.h"
+#include "hf_config.h"
+#include "rtn.h"
+#include "safetensors.h"
+#include "splitmix64.h"
+#include "test_util.h"
+
+using namespace tmkit;
+
+namespace {
+
+std::vector<int32_t> read_i32(const TensorView& v) {
+  std::vector<int32_t> out(size_t(v.info->numel()));
+  std::memcpy(out.data(), v.data, out.size() * 4);
+  return out;
+}
+
+}  // namespace
+
+// Spec awq.md §6.1: nibbles 0..7 of a word hold output channels 0, 2, 4, 6, 1, 3, 5, 7.
+TEST(AwqPack, HandComputedWordsAndRoundTrip) {
+  const std::vector<uint8_t> codes = {0, 1, 2, 3, 4, 5, 6, 7, 15, 0, 0, 0, 0, 0, 0, 9};
+  const std::vector<int32_t> packed = awq_pack(codes, 2, 8);
+  EXPECT_EQ(uint32_t(packed[0]), 0x75316420u);
+  EXPECT_EQ(uint32_t(packed[1]), 0x9000000Fu);  // channel 7 -> nibble 7, channel 0 -> nibble 0: a negative int32
+  EXPECT_EQ(awq_unpack(packed, 2, 8), codes);
+
+  SplitMix64 rng{3};
+  std::vector<uint8_t> big(64 * 256);
+  for (auto& c : big) c = uint8_t(rng.below(16));
+  EXPECT_EQ(awq_unpack(awq_pack(big, 64, 256), 64, 256), big);
+  EXPECT_NE(test::error_of([] { awq_pack(std::vector<uint8_t>(12), 1, 12); }).find("N % 8"), std::string::npos);
+}
+
+TEST(HfAwq, TinyQwen2CodesScalesConfigAndReruns) {
+  test::TempDir tmp;
+  const fs::path src = test::model_dir("tiny-qwen2");
+  const HfAwqReport rep = write_hf_awq_rtn(src, tmp / "awq", 128, false);
+  const HfConfig hf = load_hf_config(tmp / "awq");
+  EXPECT_TRUE(hf.awq.present);
+  EXPECT_EQ(hf.awq.bits, 4);
+  EXPECT_EQ(hf.awq.group_size, 128);
+  EXPECT_EQ(hf.awq.version, "gemm");
+  EXPECT_EQ(rep.linears, 7 * hf.layers);
+
+  const Checkpoint in(src), out(tmp / "awq");
+  int checked = 0;
+  for (const std::string& name : in.names()) {
+    const TensorView w = in.get(name);
+    const std::string base = name.substr(0, name.size() - 6);
+    if (!out.has(base + "qweight")) {  // a copied tensor: fp16, same shape and values
+      ASSERT_TRUE(out.has(name)) << name;
+      const TensorView c = out.get(name);
+      EXPECT_EQ(c.dtype(), DType::F16);
+      EXPECT_EQ(c.info->shape, w.info->shape);
+      for (int64_t i = 0; i < w.info->numel(); i += 97)
+        EXPECT_EQ(load_float(c.data, DType::F16, size_t(i)), half_to_float(float_to_half(load_float(w.data, w.dtype(), size_t(i)))));
+      continue;
+    }
+    EXPECT_FALSE(out.has(name)) << "a quantized linear keeps no .weight: " << name;
+    const int64_t N = w.info->shape[0], K = w.info->shape[1];
+    std::vector<float> wt(size_t(K * N));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) wt[size_t(k * N + n)] = load_float(w.data, w.dtype(), size_t(n * K + k));
+    const Int4Linear q = quantize_rtn(wt.data(), K, N, 128);
+    const TensorView qw = out.get(base + "qweight"), qz = out.get(base + "qzeros"), sc = out.get(base + "scales");
+    EXPECT_EQ(qw.info->shape, (std::vector<int64_t>{K, N / 8}));
+    EXPECT_EQ(qz.info->shape, (std::vector<int64_t>{K / 128, N / 8}));
+    EXPECT_EQ(sc.info->shape, (std::vector<int64_t>{K / 128, N}));
+    EXPECT_EQ(awq_unpack(read_i32(qw), K, N), int4_codes(q)) << base;
+    EXPECT_EQ(awq_unpack(read_i32(qz), K / 128, N), int4_zero_codes(q)) << base;
+    EXPECT_EQ(std::memcmp(sc.data, q.scales.data(), q.scales.size() * 2), 0) << base;
+    ++checked;
+  }
+  EXPECT_EQ(checked, rep.linears);
+  EXPECT_TRUE(out.has("model.layers.0.self_attn.q_proj.bias"));  // Qwen2's q/k/v biases stay, in fp16
+  EXPECT_TRUE(fs::exists(tmp / "awq" / "tokenizer.json"));
+
+  write_hf_awq_rtn(src, tmp / "again", 128, false);
+  for (const char* f : {"model.safetensors", "config.json"})
+    EXPECT_EQ(test::slurp(tmp / "awq" / f), test::slurp(tmp / "again" / f)) << f;
+}
+
+TEST(HfAwq, BadInputs) {
+  test::TempDir tmp;
+  const fs::path src = test::model_dir("tiny-qwen2");
+  // The group must divide every linear's input channels; the message names the tensor.
+  const std::string indivisible = test::error_of([&] { write_hf_awq_rtn(src, tmp / "g", 96, false); });
+  EXPECT_NE(indivisible.find("not a multiple of the group size 96"), std::string::npos) << indivisible;
+  EXPECT_NE(indivisible.find("_proj.weight"), std::string::npos) << indivisible;
+  EXPECT_FALSE(fs::exists(tmp / "g"));
+  // An existing destination needs --force; an AWQ checkpoint is not quantized again.
+  write_hf_awq_rtn(src, tmp / "awq", 128, false);
+  EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(src, tmp / "awq", 128, false); }), "");
+  EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(tmp / "awq", tmp / "twice", 128, false); }).find("already an AWQ"),
+            std::string::npos);
+  // The CLI: hf-awq needs an HF folder, and the AWQ search is not in this build.
+  const auto r = test::run(test::tool("awq-quantize") + " " + test::q(src) + " --work-dir " + test::q(tmp / "x"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("--method awq"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(tmp / "x"));
+}
