@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "awq_linear.h"
 #include "error.h"
 #include "file_plan.h"
 #include "hf_config.h"
@@ -56,7 +57,19 @@ LayerNames layer_names(const HfConfig& c, int64_t i) {
 
 class PlanBuilder {
  public:
-  PlanBuilder(const Checkpoint& ckpt, const HfConfig& hf, const TmConfig& tm) : ckpt_(ckpt), hf_(hf), tm_(tm) {}
+  PlanBuilder(const Checkpoint& ckpt, const HfConfig& hf, const TmConfig& tm)
+      : ckpt_(ckpt), hf_(hf), tm_(tm), awq_(hf.awq.present) {}
+
+  // An int4 rank file from AWQ linears (AWQ input): columns (source, column; source -1 = padding)
+  // and the rows [row0, row0 + rows) of the HF linears `sources` (their base names).
+  struct Int4Plan {
+    std::string file;  // "layers.0.attention.w_qkv.0." + qweight / scales / zeros
+    std::vector<std::string> sources;
+    std::vector<int64_t> source_K, source_N;
+    std::vector<std::pair<int, int64_t>> cols;
+    int64_t row0 = 0, rows = 0;
+  };
+  std::vector<Int4Plan> int4_plans;
 
   std::vector<FilePlan> build() {
     const int64_t tp = tm_.tp, V = hf_.vocab, hid = hf_.hidden, Vp = tm_.vocab_padded();
@@ -118,25 +131,32 @@ class PlanBuilder {
     return base + (rotary ? (t % 2) * (D / 2) + t / 2 : t);
   }
 
-  // q, k, v source rows of one rank, in the order [q_r | k_r | v_r].
-  std::vector<RowRef> qkv_rows(int64_t r, const TensorView* q, const TensorView* k, const TensorView* v) const {
+  // q, k, v source rows of one rank, in the order [q_r | k_r | v_r]: (0 q | 1 k | 2 v, row).
+  std::vector<std::pair<int, int64_t>> qkv_index(int64_t r) const {
     const int64_t D = hf_.head_dim, H = hf_.heads, KV = hf_.kv_heads, tp = tm_.tp, G = H / KV;
     const bool packed = hf_.arch == Arch::InternLM2;  // rows per kv head: G q heads, 1 k, 1 v
-    std::vector<RowRef> rows;
+    std::vector<std::pair<int, int64_t>> rows;
     for (int64_t h = r * H / tp; h < (r + 1) * H / tp; ++h) {
       const int64_t base = packed ? ((h / G) * (G + 2) + h % G) * D : h * D;
-      for (int64_t t = 0; t < D; ++t) rows.push_back({q, head_row(base, t, true)});
+      for (int64_t t = 0; t < D; ++t) rows.push_back({0, head_row(base, t, true)});
     }
     for (int64_t h = r * KV / tp; h < (r + 1) * KV / tp; ++h) {
       const int64_t base = packed ? (h * (G + 2) + G) * D : h * D;
-      for (int64_t t = 0; t < D; ++t) rows.push_back({k, head_row(base, t, true)});
+      for (int64_t t = 0; t < D; ++t) rows.push_back({1, head_row(base, t, true)});
     }
     for (int64_t h = r * KV / tp; h < (r + 1) * KV / tp; ++h) {
       const int64_t base = packed ? (h * (G + 2) + G + 1) * D : h * D;
-      for (int64_t t = 0; t < D; ++t) rows.push_back({v, head_row(base, t, false)});
+      for (int64_t t = 0; t < D; ++t) rows.push_back({2, head_row(base, t, false)});
     }
     return rows;
   }
+  std::vector<RowRef> qkv_rows(int64_t r, const TensorView* q, const TensorView* k, const TensorView* v) const {
+    const TensorView* parts[3] = {q, k, v};
+    std::vector<RowRef> rows;
+    for (auto [part, row] : qkv_index(r)) rows.push_back({parts[part], row});
+    return rows;
+  }
+
 
   void add_layer(int64_t i) {
     const LayerNames n = layer_names(hf_, i);
@@ -144,6 +164,7 @@ class PlanBuilder {
     const int64_t tp = tm_.tp, Ip = tm_.inter_size[size_t(i)];
     const std::string L = fmt::format("layers.{}.", i);
 
+    if (awq_) return add_awq_layer(i, n);
     const TensorView *q, *k, *v, *qb = nullptr, *kb = nullptr, *vb = nullptr;
     std::vector<std::string> qkv_src, bias_src;
     if (hf_.arch == Arch::InternLM2) {
@@ -223,9 +244,58 @@ class PlanBuilder {
     }
   }
 
+  // AWQ input: norms and biases as float plans, the linears as Int4Plans (same rank layout as above).
+  void add_awq_layer(int64_t i, const LayerNames& n) {
+    if (hf_.arch == Arch::InternLM2) fail("{}: AWQ input covers the Llama family, not {}", ckpt_.dir().string(), hf_.architecture);
+    const int64_t hid = hf_.hidden, H = hf_.heads, KV = hf_.kv_heads, D = hf_.head_dim, I = hf_.inter;
+    const int64_t tp = tm_.tp, Ip = tm_.inter_size[size_t(i)];
+    const std::string L = fmt::format("layers.{}.", i);
+    auto base = [](const std::string& weight) { return weight.substr(0, weight.size() - std::string("weight").size()); };
+    const int64_t g = tm_.group_size;
+    if ((H * D / tp) % g)  // the input rows of wo split by rank must keep whole groups (spec §6, awq.md §9)
+      fail("{}: --tp {} splits {} into {} input channels per rank, not a multiple of the AWQ group size {}",
+           ckpt_.dir().string(), tp, n.o, H * D / tp, g);
+    add(rows_plan(L + "attention_norm.weight", view(n.attn_norm, {hid}), 0, hid, hid, {n.attn_norm}));
+    add(rows_plan(L + "ffn_norm.weight", view(n.ffn_norm, {hid}), 0, hid, hid, {n.ffn_norm}));
+    const TensorView* ob = ckpt_.has(n.o_bias) ? view(n.o_bias, {hid}) : nullptr;
+    for (int64_t r = 0; r < tp; ++r) {
+      Int4Plan qkv{rank_file(L + "attention.w_qkv", r, ""), {base(n.q), base(n.k), base(n.v)}, {hid, hid, hid},
+                   {H * D, KV * D, KV * D}, qkv_index(r), 0, hid};
+      int4_plans.push_back(std::move(qkv));
+      if (hf_.attn_bias) {
+        FilePlan b;
+        b.file = rank_file(L + "attention.w_qkv", r, "bias");
+        b.rows = qkv_rows(r, view(n.q_bias, {H * D}), view(n.k_bias, {KV * D}), view(n.v_bias, {KV * D}));
+        b.cols = 1;
+        b.sources = {n.q_bias, n.k_bias, n.v_bias};
+        add(std::move(b));
+      }
+      Int4Plan wo{rank_file(L + "attention.wo", r, ""), {base(n.o)}, {H * D}, {hid}, {}, r * H * D / tp, H * D / tp};
+      for (int64_t c = 0; c < hid; ++c) wo.cols.push_back({0, c});
+      int4_plans.push_back(std::move(wo));
+      if (hf_.attn_bias || ob) {
+        FilePlan b;
+        b.file = rank_file(L + "attention.wo", r, "bias");
+        for (int64_t row = 0; row < hid; ++row) b.rows.push_back(ob ? RowRef{ob, row} : RowRef{});
+        b.cols = 1;
+        if (ob) b.sources = {n.o_bias};
+        add(std::move(b));
+      }
+      for (auto [name, hf_name] : {std::pair{"w1", n.gate}, std::pair{"w3", n.up}}) {
+        Int4Plan p{rank_file(L + "feed_forward." + name, r, ""), {base(hf_name)}, {hid}, {I}, {}, 0, hid};
+        for (int64_t c = r * Ip / tp; c < (r + 1) * Ip / tp; ++c) p.cols.push_back(c < I ? std::pair{0, c} : std::pair{-1, int64_t(0)});
+        int4_plans.push_back(std::move(p));
+      }
+      Int4Plan w2{rank_file(L + "feed_forward.w2", r, ""), {base(n.down)}, {I}, {hid}, {}, r * Ip / tp, Ip / tp};
+      for (int64_t c = 0; c < hid; ++c) w2.cols.push_back({0, c});
+      int4_plans.push_back(std::move(w2));
+    }
+  }
+
   const Checkpoint& ckpt_;
   const HfConfig& hf_;
   const TmConfig& tm_;
+  const bool awq_;  // AWQ GEMM input: the decoder linears become int4 files
   std::deque<TensorView> views_;  // stable addresses for RowRef
   std::vector<FilePlan> plans_;
 };
@@ -261,14 +331,53 @@ void copy_tokenizer(const fs::path& src, const fs::path& dst, std::vector<std::s
 }
 
 // A tensor the plans do not read would be silently dropped from the workspace: refuse instead.
-void check_all_tensors_used(const Checkpoint& ckpt, const HfConfig& hf, const std::vector<FilePlan>& plans) {
-  std::set<std::string> used;
+void check_all_tensors_used(const Checkpoint& ckpt, const HfConfig& hf, const std::vector<FilePlan>& plans,
+                            std::set<std::string> used) {
   for (const auto& p : plans) used.insert(p.sources.begin(), p.sources.end());
   for (const std::string& name : ckpt.names()) {
     if (used.count(name) || name.ends_with(".rotary_emb.inv_freq")) continue;
     if (hf.tie_word_embeddings && (name == "lm_head.weight" || name == "output.weight")) continue;
     fail("{}: tensor '{}' is not used by the {} conversion (an unsupported variant?)", ckpt.dir().string(), name,
          hf.architecture);
+  }
+}
+
+// AWQ input: each Int4Plan's .qweight / .scales / .zeros, from the unpacked source linears (each
+// read once, dropped after its last plan).
+template <typename Plans, typename Done>
+void write_int4_plans(const Checkpoint& ckpt, const Plans& plans, int64_t group, const fs::path& wdir, Hf2TmReport& rep,
+                      Done done) {
+  std::map<std::string, size_t> last_use;
+  for (size_t i = 0; i < plans.size(); ++i)
+    for (const auto& b : plans[i].sources) last_use[b] = i;
+  std::map<std::string, AwqLinear> open;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    check_interrupted();
+    const auto& p = plans[i];
+    std::vector<const AwqLinear*> sources;
+    for (size_t s = 0; s < p.sources.size(); ++s) {
+      auto it = open.find(p.sources[s]);
+      if (it == open.end())
+        it = open.emplace(p.sources[s], read_awq_linear(ckpt, p.sources[s], p.source_K[s], p.source_N[s], group)).first;
+      sources.push_back(&it->second);
+    }
+    const Int4Linear q = gather_int4(sources, p.cols, p.row0, p.rows, group);
+    const std::pair<const char*, std::pair<const void*, size_t>> files[] = {
+        {"qweight", {q.qweight.data(), q.qweight.size() * 4}},
+        {"scales", {q.scales.data(), q.scales.size() * 2}},
+        {"zeros", {q.zeros.data(), q.zeros.size() * 2}}};
+    for (const auto& [suffix, bytes] : files) {
+      write_file(wdir / (p.file + suffix), bytes.first, bytes.second);
+      rep.bytes += bytes.second;
+      rep.tensors += 1;
+      rep.files.push_back("triton_models/weights/" + p.file + suffix);
+      done(p.file + suffix);
+    }
+    for (const auto& b : p.sources)
+      if (last_use[b] == i) {
+        open.erase(b);
+        for (const char* part : {"qweight", "qzeros", "scales"}) ckpt.release(b + part);
+      }
   }
 }
 
@@ -281,12 +390,16 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
   if (std::mismatch(dst.begin(), dst.end(), src.begin(), src.end()).first == dst.end())
     fail("--dst-path {}: is or contains the source model folder {}", opt.dst.string(), opt.src.string());
   const HfConfig hf = load_hf_config(opt.src);
-  if (hf.awq.present)
-    fail("{}: AWQ int4 checkpoints are not supported by hf2tm yet (quantization_config present)",
-         (opt.src / "config.json").string());
+  const fs::path config_json = opt.src / "config.json";
+  if (hf.awq.present) {  // TurboMind v0.6 takes AutoAWQ GEMM, 4 bits, group 128 (spec §6.2)
+    if (hf.awq.bits != 4 || hf.awq.group_size != 128 || hf.awq.version != "gemm" || !hf.awq.zero_point)
+      fail("{}: quantization_config bits {}, group_size {}, version '{}', zero_point {}: TurboMind needs AWQ GEMM, 4 bits, "
+           "group 128, zero points", config_json.string(), hf.awq.bits, hf.awq.group_size, hf.awq.version, hf.awq.zero_point);
+    if (opt.dtype != "auto") fail("--dtype {}: an AWQ checkpoint converts to int4 (fp16 for the rest)", opt.dtype);
+  }
   Checkpoint ckpt(opt.src);
   Hf2TmReport rep;
-  rep.weight_type = resolve_weight_type(opt.dtype, hf, ckpt);
+  rep.weight_type = hf.awq.present ? "int4" : resolve_weight_type(opt.dtype, hf, ckpt);
   rep.tp = opt.tp;
   TmConfig tm = make_tm_config(hf, opt.tp, rep.weight_type);
   tm.model_name = fs::absolute(opt.src).lexically_normal().filename().string();
@@ -295,7 +408,11 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
 
   PlanBuilder builder(ckpt, hf, tm);
   std::vector<FilePlan> plans = builder.build();
-  check_all_tensors_used(ckpt, hf, plans);
+  std::set<std::string> int4_tensors;
+  for (const auto& p : builder.int4_plans)
+    for (const auto& b : p.sources)
+      for (const char* part : {"qweight", "qzeros", "scales"}) int4_tensors.insert(b + part);
+  check_all_tensors_used(ckpt, hf, plans, int4_tensors);
 
   // Release each source tensor's pages after the last file that reads it.
   std::map<std::string, size_t> last_use;
@@ -306,6 +423,9 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
 
   uint64_t total_bytes = 0;
   for (const auto& p : plans) total_bytes += p.numel() * dtype_size(dst_type);
+  for (const auto& p : builder.int4_plans)  // codes at 4 bits, fp16 scale and zero per group
+    total_bytes += uint64_t(p.rows) * p.cols.size() / 2 + 4 * uint64_t(p.rows / tm.group_size) * p.cols.size();
+  const int64_t files_total = int64_t(plans.size() + 3 * builder.int4_plans.size());
 
   AtomicOutputDir out(opt.dst, opt.force);
   const fs::path wdir = weights_dir(out.tmp());
@@ -324,8 +444,11 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
     rep.tensors += 1;
     rep.files.push_back("triton_models/weights/" + p.file);
     for (const auto& s : release_after[i]) ckpt.release(s);
-    if (progress) progress(int64_t(i + 1), int64_t(plans.size()), rep.bytes, total_bytes, p.file);
+    if (progress) progress(rep.tensors, files_total, rep.bytes, total_bytes, p.file);
   }
+  write_int4_plans(ckpt, builder.int4_plans, int64_t(tm.group_size), wdir, rep, [&](const std::string& file) {
+    if (progress) progress(rep.tensors, files_total, rep.bytes, total_bytes, file);
+  });
   write_file(wdir / "config.yaml", format_config_yaml(tm));
   rep.files.push_back("triton_models/weights/config.yaml");
   copy_tokenizer(opt.src, tokenizer_dir(out.tmp()), &rep.files);

@@ -5,8 +5,11 @@
 //   <name>.zeros    fp16  [K/g, N]  the integer zero point, as a float
 // and w = (q - zero) * scale, rounded to fp16 as the reference (PyTorch, fp16) computes it.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <vector>
+
+#include "error.h"
 
 #include "dtype.h"
 
@@ -75,6 +78,33 @@ inline std::vector<float> dequantize(const Int4Linear& q) {
       w[size_t(k * q.N + n)] = int4_dequant(int4_code(q, k, n), q.scales[g], q.zeros[g]);
     }
   return w;
+}
+
+// AutoAWQ "GEMM" packing (../shared/specs/awq.md §6.1), the input side of AWQ checkpoints:
+// codes [K, N] (0..15, row-major) <-> int32 [K, N/8] with nibble i of word j = column 8j + kAwqOrder[i].
+inline constexpr std::array<int, 8> kAwqOrder = {0, 2, 4, 6, 1, 3, 5, 7};
+
+inline std::vector<int32_t> awq_pack(const std::vector<uint8_t>& codes, int64_t K, int64_t N) {
+  if (N % 8 || int64_t(codes.size()) != K * N) fail("awq_pack: {} codes for a [{}, {}] matrix (N % 8 == 0)", codes.size(), K, N);
+  std::vector<int32_t> out(size_t(K * N / 8));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N / 8; ++j) {
+      uint32_t word = 0;
+      for (int i = 0; i < 8; ++i) word |= uint32_t(codes[size_t(k * N + 8 * j + kAwqOrder[size_t(i)])] & 0xf) << (4 * i);
+      out[size_t(k * (N / 8) + j)] = int32_t(word);
+    }
+  return out;
+}
+
+inline std::vector<uint8_t> awq_unpack(const std::vector<int32_t>& packed, int64_t K, int64_t N) {
+  if (N % 8 || int64_t(packed.size()) * 8 != K * N) fail("awq_unpack: {} words for a [{}, {}] matrix", packed.size(), K, N);
+  std::vector<uint8_t> codes(size_t(K * N));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N / 8; ++j) {
+      const uint32_t word = uint32_t(packed[size_t(k * (N / 8) + j)]);
+      for (int i = 0; i < 8; ++i) codes[size_t(k * N + 8 * j + kAwqOrder[size_t(i)])] = uint8_t((word >> (4 * i)) & 0xf);
+    }
+  return codes;
 }
 
 }  // namespace tmkit

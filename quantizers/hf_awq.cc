@@ -16,29 +16,6 @@
 
 namespace tmkit {
 
-std::vector<int32_t> awq_pack(const std::vector<uint8_t>& codes, int64_t K, int64_t N) {
-  if (N % 8 || int64_t(codes.size()) != K * N) fail("awq_pack: {} codes for a [{}, {}] matrix (N % 8 == 0)", codes.size(), K, N);
-  std::vector<int32_t> out(size_t(K * N / 8));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < N / 8; ++j) {
-      uint32_t word = 0;
-      for (int i = 0; i < 8; ++i) word |= uint32_t(codes[size_t(k * N + 8 * j + kAwqOrder[size_t(i)])] & 0xf) << (4 * i);
-      out[size_t(k * (N / 8) + j)] = int32_t(word);
-    }
-  return out;
-}
-
-std::vector<uint8_t> awq_unpack(const std::vector<int32_t>& packed, int64_t K, int64_t N) {
-  if (N % 8 || int64_t(packed.size()) * 8 != K * N) fail("awq_unpack: {} words for a [{}, {}] matrix", packed.size(), K, N);
-  std::vector<uint8_t> codes(size_t(K * N));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < N / 8; ++j) {
-      const uint32_t word = uint32_t(packed[size_t(k * (N / 8) + j)]);
-      for (int i = 0; i < 8; ++i) codes[size_t(k * N + 8 * j + kAwqOrder[size_t(i)])] = uint8_t((word >> (4 * i)) & 0xf);
-    }
-  return codes;
-}
-
 std::vector<uint8_t> int4_codes(const Int4Linear& q) {
   std::vector<uint8_t> codes(size_t(q.K * q.N));
   for (int64_t k = 0; k < q.K; ++k)

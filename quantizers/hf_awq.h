@@ -7,7 +7,6 @@
 //   <name>.bias     fp16  [N]         when the linear has one
 // Everything else (embeddings, norms, LM head) as fp16; config.json gains quantization_config.
 #pragma once
-#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -16,11 +15,7 @@
 
 namespace tmkit {
 
-inline constexpr std::array<int, 8> kAwqOrder = {0, 2, 4, 6, 1, 3, 5, 7};
-
-// codes [K, N] (0..15, row-major) <-> the AWQ-packed int32 [K, N/8]. N % 8 == 0.
-std::vector<int32_t> awq_pack(const std::vector<uint8_t>& codes, int64_t K, int64_t N);
-std::vector<uint8_t> awq_unpack(const std::vector<int32_t>& packed, int64_t K, int64_t N);
+// (The packing itself, awq_pack / awq_unpack, lives in formats/int4.h: hf2tm reads it too.)
 
 // The codes [K, N] of a TurboMind-layout int4 linear, and its zero points [K/g, N] as codes.
 std::vector<uint8_t> int4_codes(const Int4Linear& q);

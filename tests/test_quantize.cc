@@ -1,15 +1,18 @@
-// Quantizer outputs on the CPU: the AutoAWQ GEMM packing (hand-computed words, round trips) and
-// the hf-awq checkpoint awq-quantize writes (its codes, scales, config and files, byte-identical
-// reruns, bad inputs).
+// Quantizer outputs on the CPU: the AutoAWQ GEMM packing (hand-computed words, round trips), the
+// hf-awq checkpoint awq-quantize writes (its codes, scales, config and files, byte-identical
+// reruns, bad inputs), and hf2tm reading it back.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
 #include "error.h"
+#include "hf2tm.h"
 #include "hf_awq.h"
 #include "hf_config.h"
+#include "model_weights.h"
 #include "rtn.h"
 #include "safetensors.h"
+#include "turbomind.h"
 #include "splitmix64.h"
 #include "test_util.h"
 
@@ -107,4 +110,78 @@ TEST(HfAwq, BadInputs) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("--method awq"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(tmp / "x"));
+}
+
+namespace {
+
+std::map<std::string, std::string> weight_files(const fs::path& ws) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(weights_dir(ws))) out[e.path().filename().string()] = test::slurp(e.path());
+  return out;
+}
+
+}  // namespace
+
+// hf2tm reads the hf-awq checkpoint (spec §6) into the same int4 workspace, byte for byte, as
+// awq-quantize --format turbomind writes from the original model: the AWQ order is undone, the q/k
+// rotary permutation, q|k|v merge and splits applied to codes, scales and zeros alike.
+TEST(HfAwq, Hf2TmOfTheCheckpointEqualsTheTurbomindFormat) {
+  for (const std::string model : {"tiny-qwen2", "tiny-llama"}) {
+    test::TempDir tmp;
+    const fs::path awq = tmp / "awq" / model;  // the same folder name: config.yaml records it
+    fs::create_directories(awq.parent_path());
+    write_hf_awq_rtn(test::model_dir(model), awq, 128, false);
+    Hf2TmOptions o;
+    o.src = awq;
+    o.dst = tmp / "from-awq";
+    convert_hf_to_tm(o);
+    o.src = test::model_dir(model);
+    o.dst = tmp / "fp16";
+    convert_hf_to_tm(o);
+    quantize_workspace_rtn(tmp / "fp16", tmp / "rtn", 128, false);
+    const auto a = weight_files(tmp / "from-awq"), b = weight_files(tmp / "rtn");
+    EXPECT_EQ(a.size(), b.size()) << model;
+    for (const auto& [name, bytes] : b) {
+      ASSERT_TRUE(a.count(name)) << model << ": " << name;
+      EXPECT_TRUE(a.at(name) == bytes) << model << ": " << name << " differs";
+    }
+  }
+}
+
+// small-llama at tp 2 from the AWQ checkpoint: the ranks merge back into tp 1's linears.
+TEST(HfAwq, Hf2TmSplitsAwqLinearsForTensorParallel) {
+  test::TempDir tmp;
+  write_hf_awq_rtn(test::model_dir("small-llama"), tmp / "awq", 128, false);
+  Hf2TmOptions o;
+  o.src = tmp / "awq";
+  o.dst = tmp / "tp1";
+  convert_hf_to_tm(o);
+  o.dst = tmp / "tp2";
+  o.tp = 2;
+  convert_hf_to_tm(o);
+  const ModelWeights w1 = load_workspace(tmp / "tp1"), w2 = load_workspace(tmp / "tp2");
+  ASSERT_EQ(w1.layers.size(), w2.layers.size());
+  for (size_t i = 0; i < w1.layers.size(); ++i)
+    for (auto m : {&LayerWeights::qkv4, &LayerWeights::wo4, &LayerWeights::w13_4, &LayerWeights::w2_4}) {
+      const Int4Linear &a = *(w1.layers[i].*m), &b = *(w2.layers[i].*m);
+      EXPECT_EQ(a.qweight, b.qweight) << "layer " << i;
+      EXPECT_EQ(a.scales, b.scales) << "layer " << i;
+      EXPECT_EQ(a.zeros, b.zeros) << "layer " << i;
+    }
+  // A split that cuts a quantization group is refused, naming the tensor.
+  write_hf_awq_rtn(test::model_dir("tiny-qwen2"), tmp / "q-awq", 128, false);
+  o.src = tmp / "q-awq";
+  o.dst = tmp / "q-tp2";
+  const std::string err = test::error_of([&] { convert_hf_to_tm(o); });
+  EXPECT_NE(err.find("o_proj.weight into 64 input channels per rank"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(tmp / "q-tp2"));
+  // TurboMind takes AWQ GEMM, 4 bits, group 128 only.
+  fs::copy(tmp / "q-awq", tmp / "g64", fs::copy_options::recursive);
+  std::string config = test::slurp(tmp / "g64" / "config.json");
+  config.replace(config.find("\"group_size\": 128"), 17, "\"group_size\": 64");
+  fs::remove(tmp / "g64" / "config.json");
+  write_file(tmp / "g64" / "config.json", config);
+  o.src = tmp / "g64";
+  o.tp = 1;
+  EXPECT_NE(test::error_of([&] { convert_hf_to_tm(o); }).find("group_size 64"), std::string::npos);
 }
