@@ -217,14 +217,7 @@ class PlanBuilder {
       wo.transpose = true;
       wo.sources = {n.o};
       add(std::move(wo));
-      if (hf_.attn_bias || ob) {  // replicated; zeros when only q/k/v carry a bias (Qwen2)
-        FilePlan b;
-        b.file = rank_file(L + "attention.wo", r, "bias");
-        for (int64_t row = 0; row < hid; ++row) b.rows.push_back(ob ? RowRef{ob, row} : RowRef{});
-        b.cols = 1;
-        if (ob) b.sources = {n.o_bias};
-        add(std::move(b));
-      }
+      add_wo_bias(L, r, ob, n.o_bias);
     }
     add(rows_plan(L + "ffn_norm.weight", view(n.ffn_norm, {hid}), 0, hid, hid, {n.ffn_norm}));
     for (int64_t r = 0; r < tp; ++r) {
@@ -242,6 +235,17 @@ class PlanBuilder {
       w2.sources = {n.down};
       add(std::move(w2));
     }
+  }
+
+  // The wo bias of rank r: replicated; zeros when only q/k/v carry a bias (Qwen2); none otherwise.
+  void add_wo_bias(const std::string& L, int64_t r, const TensorView* ob, const std::string& ob_name) {
+    if (!hf_.attn_bias && !ob) return;
+    FilePlan b;
+    b.file = rank_file(L + "attention.wo", r, "bias");
+    for (int64_t row = 0; row < hf_.hidden; ++row) b.rows.push_back(ob ? RowRef{ob, row} : RowRef{});
+    b.cols = 1;
+    if (ob) b.sources = {ob_name};
+    add(std::move(b));
   }
 
   // AWQ input: norms and biases as float plans, the linears as Int4Plans (same rank layout as above).
@@ -273,14 +277,7 @@ class PlanBuilder {
       Int4Plan wo{rank_file(L + "attention.wo", r, ""), {base(n.o)}, {H * D}, {hid}, {}, r * H * D / tp, H * D / tp};
       for (int64_t c = 0; c < hid; ++c) wo.cols.push_back({0, c});
       int4_plans.push_back(std::move(wo));
-      if (hf_.attn_bias || ob) {
-        FilePlan b;
-        b.file = rank_file(L + "attention.wo", r, "bias");
-        for (int64_t row = 0; row < hid; ++row) b.rows.push_back(ob ? RowRef{ob, row} : RowRef{});
-        b.cols = 1;
-        if (ob) b.sources = {n.o_bias};
-        add(std::move(b));
-      }
+      add_wo_bias(L, r, ob, n.o_bias);
       for (auto [name, hf_name] : {std::pair{"w1", n.gate}, std::pair{"w3", n.up}}) {
         Int4Plan p{rank_file(L + "feed_forward." + name, r, ""), {base(hf_name)}, {hid}, {I}, {}, 0, hid};
         for (int64_t c = r * Ip / tp; c < (r + 1) * Ip / tp; ++c) p.cols.push_back(c < I ? std::pair{0, c} : std::pair{-1, int64_t(0)});

@@ -126,13 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   const int groups = K / kGroup, m0 = blockIdx.x * 16 * MT, tile0 = blockIdx.y * NT;
 
-  float acc[MT][NT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
+  float acc[MT][NT][4] = {};
 
   auto load_units = [&](int grp, Unit (&u)[NT]) {
 #pragma unroll
@@ -178,13 +172,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_mma_kernel(const __half* __
         for (int j = 0; j < 4; ++j) a[mt][h][j] = __ldg(src + j);
       }
 
-    float gacc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) gacc[mt][nt][r] = 0.0f;
+    float gacc[MT][NT][4] = {};
 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -257,13 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32, MB == 1 ? 3 : 2) w4a16_gemv_kerne
     }
   };
 
-  float acc[MB][NP][4];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-    for (int p = 0; p < NP; ++p)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mb][p][r] = 0.0f;
+  float acc[MB][NP][4] = {};
 
   const int steps = (groups - warp + kWarps - 1) / kWarps;  // groups warp, warp + 8, ...
   Loads buf[P];
@@ -286,13 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32, MB == 1 ? 3 : 2) w4a16_gemv_kerne
 #pragma unroll
         for (int j = 0; j < 4; ++j) xr[mb][j] = __ldg(src + j);
       }
-      float even[MB][NP][4], odd[MB][NP][4];
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int p = 0; p < NP; ++p)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) even[mb][p][r] = odd[mb][p][r] = 0.0f;
+      float even[MB][NP][4] = {}, odd[MB][NP][4] = {};
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
         const Zero z0(cur.z[2 * p]), z1(cur.z[2 * p + 1]);
