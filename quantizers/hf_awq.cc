@@ -46,8 +46,8 @@ std::vector<float> read_floats(const TensorView& v) {
 
 }  // namespace
 
-HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force,
-                             uint64_t max_shard_bytes) {
+HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
+                         const std::map<std::string, std::vector<float>>* replaced, uint64_t max_shard_bytes) {
   const auto t0 = std::chrono::steady_clock::now();
   const HfConfig hf = load_hf_config(src);
   if (hf.awq.present) fail("{}: already an AWQ checkpoint (quantization_config)", (src / "config.json").string());
@@ -94,12 +94,22 @@ HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t g
   // .scales), so one quantization serves all three.
   std::string cached_source;
   Int4Linear cached;
+  auto values = [&](const TensorView& v) {
+    if (replaced) {
+      const auto it = replaced->find(v.name());
+      if (it != replaced->end()) {
+        if (int64_t(it->second.size()) != v.info->numel()) fail("awq: replacement for '{}' has the wrong size", v.name());
+        return it->second;
+      }
+    }
+    return read_floats(v);
+  };
   auto fill = [&](size_t index, uint8_t* out) {
     check_interrupted();
     const Out& o = outs[order[index]];
     const TensorView v = ckpt.get(o.source);
     if (o.part < 0) {
-      const std::vector<float> f = read_floats(v);
+      const std::vector<float> f = values(v);
       auto* h = reinterpret_cast<uint16_t*>(out);
       for (size_t i = 0; i < f.size(); ++i) {
         h[i] = float_to_half(f[i]);
@@ -109,7 +119,7 @@ HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t g
     }
     if (cached_source != o.source) {
       const int64_t N = v.info->shape[0], K = v.info->shape[1];
-      const std::vector<float> w = read_floats(v);  // [N, K]
+      const std::vector<float> w = values(v);  // [N, K]
       std::vector<float> wt(w.size());              // [K, N], the quantizer's orientation
       for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k) wt[size_t(k * N + n)] = w[size_t(n * K + k)];

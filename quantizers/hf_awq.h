@@ -8,6 +8,8 @@
 // Everything else (embeddings, norms, LM head) as fp16; config.json gains quantization_config.
 #pragma once
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "file_io.h"
@@ -27,10 +29,16 @@ struct HfAwqReport {
   double seconds = 0;
 };
 
-// RTN-quantizes every decoder linear of an HF Llama / Mistral / Qwen2 checkpoint (the quantizer of
+// Quantizes every decoder linear of an HF Llama / Mistral / Qwen2 checkpoint (the quantizer of
 // rtn.h, in fp16 as the reference tools) and writes the AutoAWQ GEMM checkpoint to `dst`
 // (atomically), shards of at most `max_shard_bytes`, tokenizer and generation files copied.
-HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force,
-                             uint64_t max_shard_bytes = 5'000'000'000ull);
+// `replaced`: tensors to take instead of the checkpoint's (by HF name, HF shape, fp32), e.g. the
+// AWQ search's scaled and clipped weights and norms; without it this is plain RTN.
+HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
+                         const std::map<std::string, std::vector<float>>* replaced = nullptr,
+                         uint64_t max_shard_bytes = 5'000'000'000ull);
+inline HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force) {
+  return write_hf_awq(src, dst, group, force);
+}
 
 }  // namespace tmkit

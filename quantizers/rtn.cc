@@ -12,11 +12,6 @@
 
 namespace tmkit {
 
-namespace {
-// One fp16 rounding: the reference does every step of the quantizer in fp16.
-inline float h(float x) { return half_to_float(float_to_half(x)); }
-}  // namespace
-
 Int4Linear quantize_rtn(const float* w, int64_t K, int64_t N, int64_t group) {
   if (group <= 0 || K % group || N % 8) fail("int4: a [{}, {}] linear does not split into groups of {} rows and words of 8 columns", K, N, group);
   Int4Linear q;
@@ -30,23 +25,23 @@ Int4Linear quantize_rtn(const float* w, int64_t K, int64_t N, int64_t group) {
   // any thread count). Rows are walked in memory order, a group's per-column state side by side.
   auto quantize_group = [&](int64_t g) {
     const size_t cols = size_t(N);
-    std::vector<float> lo(cols, INFINITY), hi(cols, -INFINITY), scale(cols), zero(cols);
+    std::vector<float> lo(cols, INFINITY), hi(cols, -INFINITY);
+    std::vector<QuantGroup> p(cols);
     for (int64_t k = g * group; k < (g + 1) * group; ++k)
       for (int64_t n = 0; n < N; ++n) {
-        const float v = h(w[k * N + n]);
+        const float v = fp16_round(w[k * N + n]);
         lo[size_t(n)] = std::fmin(lo[size_t(n)], v);
         hi[size_t(n)] = std::fmax(hi[size_t(n)], v);
       }
     for (int64_t n = 0; n < N; ++n) {
-      scale[size_t(n)] = h(std::fmax(h(hi[size_t(n)] - lo[size_t(n)]), 1e-5f) / 15.0f);
-      zero[size_t(n)] = std::fmin(std::fmax(-std::nearbyint(h(lo[size_t(n)] / scale[size_t(n)])), 0.0f), 15.0f);
-      q.scales[size_t(g * N + n)] = float_to_half(scale[size_t(n)]);
-      q.zeros[size_t(g * N + n)] = float_to_half(zero[size_t(n)]);
+      p[size_t(n)] = quant_group(lo[size_t(n)], hi[size_t(n)]);
+      q.scales[size_t(g * N + n)] = float_to_half(p[size_t(n)].scale);
+      q.zeros[size_t(g * N + n)] = float_to_half(p[size_t(n)].zero);
     }
     for (int64_t k = g * group; k < (g + 1) * group; ++k)
       for (int64_t n = 0; n < N; ++n) {
-        const float code = std::nearbyint(h(h(w[k * N + n]) / scale[size_t(n)])) + zero[size_t(n)];
-        q.qweight[size_t(k * (N / 8) + n / 8)] |= int32_t(uint32_t(std::fmin(std::fmax(code, 0.0f), 15.0f)) << (4 * (n % 8)));
+        const float code = quant_code(fp16_round(w[k * N + n]), p[size_t(n)]);
+        q.qweight[size_t(k * (N / 8) + n / 8)] |= int32_t(uint32_t(code) << (4 * (n % 8)));
       }
   };
   const int64_t groups = K / group;

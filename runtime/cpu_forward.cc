@@ -7,8 +7,6 @@
 
 namespace tmkit {
 
-namespace {
-
 Mat rms_norm(const Mat& x, const Vec& w, double eps) {
   Mat y(x.rows(), x.cols());
   for (int64_t t = 0; t < x.rows(); ++t) {
@@ -17,6 +15,8 @@ Mat rms_norm(const Mat& x, const Vec& w, double eps) {
   }
   return y;
 }
+
+namespace {
 
 // Rotates adjacent channel pairs (2j, 2j+1) of every head by position * inv_freq[j].
 void apply_rope(Mat& x, int64_t heads, int64_t D, const RopeTable& rt) {
@@ -35,7 +35,8 @@ void apply_rope(Mat& x, int64_t heads, int64_t D, const RopeTable& rt) {
   }
 }
 
-// Causal GQA attention: query head h reads kv head h / (H / KV).
+}  // namespace
+
 Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, int64_t D, float scale) {
   const int64_t T = q.rows(), G = H / KV;
   Mat out(T, H * D);
@@ -56,7 +57,6 @@ Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, i
   return out;
 }
 
-}  // namespace
 
 Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
   const TmConfig& c = w_.cfg;

@@ -8,6 +8,12 @@
 
 namespace tmkit {
 
+// The oracle's building blocks, also used by the CPU AWQ search (quantizers/awq_search.cc):
+// y = x / rms(x) * w per row, and causal GQA attention of one sequence (query head h reads kv
+// head h / (H / KV); q, k after RoPE; `scale` multiplies the scores).
+Mat rms_norm(const Mat& x, const Vec& w, double eps);
+Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, int64_t D, float scale);
+
 class CpuModel {
  public:
   explicit CpuModel(ModelWeights w, KvMode kv = KvMode::kFp16) : w_(std::move(w)), kv_(kv) {}

@@ -5,11 +5,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include "awq_search.h"
+#include "cpu_forward.h"
+#include "dataset.h"
 #include "error.h"
 #include "hf2tm.h"
 #include "hf_awq.h"
 #include "hf_config.h"
 #include "model_weights.h"
+#include "perplexity.h"
 #include "rtn.h"
 #include "safetensors.h"
 #include "turbomind.h"
@@ -105,10 +109,11 @@ TEST(HfAwq, BadInputs) {
   EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(src, tmp / "awq", 128, false); }), "");
   EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(tmp / "awq", tmp / "twice", 128, false); }).find("already an AWQ"),
             std::string::npos);
-  // The CLI: hf-awq needs an HF folder, and the AWQ search is not in this build.
-  const auto r = test::run(test::tool("awq-quantize") + " " + test::q(src) + " --work-dir " + test::q(tmp / "x"));
+  // The CLI: hf-awq needs an HF folder.
+  write_hf_awq_rtn(src, tmp / "rtn", 128, false);
+  const auto r = test::run(test::tool("awq-quantize") + " " + test::q(tmp / "awq") + " --method rtn --format hf-awq --work-dir " +
+                           test::q(tmp / "x"));
   EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.err.find("--method awq"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(tmp / "x"));
 }
 
@@ -184,4 +189,95 @@ TEST(HfAwq, Hf2TmSplitsAwqLinearsForTensorParallel) {
   o.src = tmp / "g64";
   o.tp = 1;
   EXPECT_NE(test::error_of([&] { convert_hf_to_tm(o); }).find("group_size 64"), std::string::npos);
+}
+
+namespace {
+
+double cpu_ppl(const fs::path& ws, const std::string& model) {
+  const CpuModel m(load_workspace(ws));
+  const auto ids = read_tokens(test::reference_dir(model) / "eval.tokens.i32", m.config().vocab_size);
+  const auto ref = nlohmann::json::parse(test::slurp(test::reference_dir(model) / "reference.json"));
+  return perplexity(score_from_logits([&](const int32_t* t, int64_t T) { return m.forward(t, T); }), ids,
+                    ref["eval_ctx"].get<int64_t>(), 0, 2)
+      .ppl;
+}
+
+fs::path to_workspace(const fs::path& hf, const fs::path& ws) {
+  Hf2TmOptions o;
+  o.src = hf;
+  o.dst = ws;
+  convert_hf_to_tm(o);
+  return ws;
+}
+
+}  // namespace
+
+// The CPU AWQ search on 16 contiguous blocks of 256 calibration tokens (the reference's own ids):
+// the quantized model beats RTN on the eval text, and a rerun writes the same bytes.
+TEST(Awq, SearchBeatsRtnAndRerunsIdentically) {
+  for (const std::string model : {"tiny-qwen2", "tiny-llama"}) {
+    test::TempDir tmp;
+    const fs::path src = test::model_dir(model);
+    const auto calib = read_tokens(test::reference_dir(model) / "calib.tokens.i32", load_hf_config(src).vocab);
+    const auto blocks = sample_blocks(calib, {16, 256, Sampling::Contiguous, 0});
+    const AwqResult r = awq_search_cpu(src, blocks, 16, 256, {});
+    ASSERT_EQ(int64_t(r.layers.size()), load_hf_config(src).layers);
+    for (const auto& l : r.layers) {
+      EXPECT_EQ(l.ratio.size(), 4u);
+      EXPECT_EQ(l.ratio[1], -1.0) << "o_proj has no scale under GQA";
+      for (size_t g : {0, 2, 3}) EXPECT_LE(l.loss_best[g], l.loss_rtn[g]);
+      EXPECT_LT(l.clip_mean_ratio, 1.0);
+    }
+    fs::create_directories(tmp / "awq");  // the model's own folder name: config.yaml records it
+    fs::create_directories(tmp / "rtn");
+    write_hf_awq(src, tmp / "awq" / model, 128, false, &r.tensors);
+    write_hf_awq_rtn(src, tmp / "rtn" / model, 128, false);
+    const double awq = cpu_ppl(to_workspace(tmp / "awq" / model, tmp / "awq-ws"), model);
+    const double rtn = cpu_ppl(to_workspace(tmp / "rtn" / model, tmp / "rtn-ws"), model);
+    std::printf("%s: AWQ (16 x 256, CPU search) ppl %.4f, RTN %.4f\n", model.c_str(), awq, rtn);
+    EXPECT_LT(awq, rtn) << model;
+    RecordProperty(model + "_awq_ppl", std::to_string(awq));
+
+    const AwqResult again = awq_search_cpu(src, blocks, 16, 256, {});
+    write_hf_awq(src, tmp / "again", 128, false, &again.tensors);
+    EXPECT_TRUE(test::slurp(tmp / "awq" / model / "model.safetensors") == test::slurp(tmp / "again" / "model.safetensors"))
+        << model << ": reruns differ";
+  }
+}
+
+TEST(Awq, BadInputs) {
+  test::TempDir tmp;
+  const fs::path src = test::model_dir("tiny-qwen2");
+  const auto calib = read_tokens(test::reference_dir("tiny-qwen2") / "calib.tokens.i32", load_hf_config(src).vocab);
+  // Too few calibration tokens: the dataset's error.
+  EXPECT_NE(test::error_of([&] { sample_blocks(calib, {100000, 512, Sampling::Contiguous, 0}); }).find("calibration data has"),
+            std::string::npos);
+  // A group that does not divide the input channels names the tensor.
+  AwqOptions g96;
+  g96.group = 96;
+  const auto blocks = sample_blocks(calib, {2, 64, Sampling::Contiguous, 0});
+  EXPECT_NE(test::error_of([&] { awq_search_cpu(src, blocks, 2, 64, g96); }).find("q_proj.weight has 128 input channels"),
+            std::string::npos);
+  // A NaN weight: the error names the layer and the tensor.
+  fs::copy(src, tmp / "nan", fs::copy_options::recursive);
+  fs::permissions(tmp / "nan" / "model.safetensors", fs::perms::owner_write, fs::perm_options::add);
+  {
+    const SafetensorsFile f(tmp / "nan" / "model.safetensors");
+    const TensorInfo* t = f.find("model.layers.1.mlp.up_proj.weight");
+    ASSERT_NE(t, nullptr);
+    std::string bytes = test::slurp(tmp / "nan" / "model.safetensors");
+    uint64_t header = 0;
+    std::memcpy(&header, bytes.data(), 8);
+    const uint16_t nan = 0x7fc0;  // bf16 and fp16 NaN alike
+    std::memcpy(bytes.data() + 8 + header + t->begin, &nan, 2);
+    fs::remove(tmp / "nan" / "model.safetensors");
+    write_file(tmp / "nan" / "model.safetensors", bytes);
+  }
+  const std::string nan_err = test::error_of([&] { awq_search_cpu(tmp / "nan", blocks, 2, 64, {}); });
+  EXPECT_NE(nan_err.find("layer 1: up_proj.weight holds NaN or Inf"), std::string::npos) << nan_err;
+  // The CLI: --method awq needs calibration data and leaves nothing behind on error.
+  const auto r = test::run(test::tool("awq-quantize") + " " + test::q(src) + " --work-dir " + test::q(tmp / "out"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("--calib-dataset"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(tmp / "out"));
 }

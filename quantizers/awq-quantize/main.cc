@@ -1,81 +1,145 @@
-// awq-quantize: W4 quantization of a model. See README.md beside this file. This version carries
-// the no-search baseline (--method rtn) into both outputs; the AWQ search follows (issue 5).
+// awq-quantize: W4 quantization of a model. See README.md beside this file.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "awq_search.h"
+#include "dataset.h"
 #include "error.h"
 #include "hf2tm.h"
 #include "hf_awq.h"
+#include "progress.h"
 #include "rtn.h"
+#include "tokenizer.h"
 #include "turbomind.h"
 
-int main(int argc, char** argv) {
-  tmkit::fs::path src, work_dir;
+namespace {
+
+using tmkit::fs::path;
+
+struct Options {
+  path src, work_dir, calib_dataset;
   int w_bits = 4;
-  int64_t group = 128;
-  std::string method = "awq", format = "hf-awq";
-  bool force = false, json = false;
+  int64_t group = 128, calib_samples = 128, calib_seqlen = 512;
+  uint64_t seed = 0;
+  std::string method = "awq", format = "hf-awq", sampling = "contiguous", device = "auto";
+  tmkit::DatasetOptions dataset;
+  tmkit::AwqOptions awq;
+  bool no_search_scale = false, no_clip = false, force = false, json = false, quiet = false;
+};
+
+// Runs `write` into a temporary hf-awq sibling of the output, then hf2tm into the output.
+void as_workspace(const Options& o, const std::function<void(const path&)>& write) {
+  path tmp = o.work_dir;
+  tmp += ".hf-awq.tmp";
+  write(tmp);
+  try {
+    tmkit::Hf2TmOptions h;
+    h.src = tmp;
+    h.dst = o.work_dir;
+    h.force = o.force;
+    tmkit::convert_hf_to_tm(h);
+  } catch (...) {
+    tmkit::fs::remove_all(tmp);
+    throw;
+  }
+  tmkit::fs::remove_all(tmp);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
   CLI::App app{
       "awq-quantize: 4-bit weight quantization (asymmetric, per group of input channels, the AWQ/RTN\n"
-      "quantizer computed in fp16 as the reference tools do). Input: a Hugging Face model folder or a\n"
-      "TurboMind workspace (fp16/bf16). Written atomically: --work-dir appears only on success."};
-  app.add_option("model", src, "HF model folder (config.json + safetensors) or TurboMind workspace")->required();
-  app.add_option("--work-dir", work_dir, "output folder")->required();
-  app.add_option("--w-bits", w_bits, "weight bits (4)")->check(CLI::IsMember({4}));
-  app.add_option("--w-group-size,--group", group, "input channels per quantization group")->check(CLI::Range(8, 1 << 20));
-  app.add_option("--method", method, "awq (activation-aware search) or rtn (round to nearest, no search)")
+      "quantizer computed in fp16 as the reference tools do). --method awq runs llm-awq's activation-aware\n"
+      "scale and clip search on calibration text first. Input: a Hugging Face model folder (or, for\n"
+      "--method rtn --format turbomind, a TurboMind workspace). Written atomically: --work-dir appears\n"
+      "only on success."};
+  app.add_option("model", o.src, "HF model folder (config.json + safetensors) or TurboMind workspace")->required();
+  app.add_option("--work-dir", o.work_dir, "output folder")->required();
+  app.add_option("--w-bits", o.w_bits, "weight bits (4)")->check(CLI::IsMember({4}));
+  app.add_option("--w-group-size,--group", o.group, "input channels per quantization group")->check(CLI::Range(8, 1 << 20));
+  app.add_option("--method", o.method, "awq (activation-aware search, default) or rtn (round to nearest, no search)")
       ->check(CLI::IsMember({"awq", "rtn"}));
-  app.add_option("--format", format, "hf-awq (AutoAWQ GEMM checkpoint) or turbomind (an int4 workspace)")
+  app.add_option("--format", o.format, "hf-awq (AutoAWQ GEMM checkpoint, default) or turbomind (an int4 workspace)")
       ->check(CLI::IsMember({"hf-awq", "turbomind"}));
-  app.add_flag("--force", force, "replace an existing --work-dir");
-  app.add_flag("--json", json, "print a JSON report on stdout");
+  app.add_option("--calib-dataset", o.calib_dataset, "calibration text: a file, a folder of .txt, .jsonl, or .i32 token ids");
+  app.add_option("--calib-samples", o.calib_samples, "calibration blocks")->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  app.add_option("--calib-seqlen", o.calib_seqlen, "tokens per calibration block")->check(CLI::Range(int64_t(2), int64_t(1) << 20));
+  app.add_option("--calib-sampling", o.sampling, "contiguous (blocks in order) or random (windows; --seed)")
+      ->check(CLI::IsMember({"contiguous", "random"}));
+  app.add_option("--seed", o.seed, "seed of --calib-sampling random");
+  app.add_option("--text-key", o.dataset.text_key, "the field holding the text in .jsonl calibration data");
+  app.add_flag("--no-search-scale", o.no_search_scale, "skip the scale search (clip only)");
+  app.add_flag("--no-clip", o.no_clip, "skip the clip search");
+  app.add_flag("--duo-scaling", o.awq.duo_scaling, "AutoAWQ's variant: weight statistic in the scale candidates");
+  app.add_option("--device", o.device, "auto, cpu (Eigen) or cuda; this build searches on the CPU")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_flag("--force", o.force, "replace an existing --work-dir");
+  app.add_flag("--json", o.json, "print a JSON report on stdout");
+  app.add_flag("-q,--quiet", o.quiet, "no progress on stderr");
   CLI11_PARSE(app, argc, argv);
 
+  tmkit::Progress progress("awq-quantize", "layers", !o.quiet);
   try {
     tmkit::install_interrupt_handler();
-    if (method != "rtn") tmkit::fail("--method awq: the AWQ search is not in this build yet; --method rtn is");
-    const bool workspace_input = tmkit::fs::exists(tmkit::weights_dir(src) / "config.yaml");
-    int64_t linears = 0;
-    double seconds = 0;
-    if (format == "hf-awq") {
-      if (workspace_input) tmkit::fail("{}: --format hf-awq needs a Hugging Face model folder as input", src.string());
-      const auto rep = tmkit::write_hf_awq_rtn(src, work_dir, group, force);
-      linears = rep.linears;
-      seconds = rep.seconds;
-    } else {
-      tmkit::fs::path ws = src, converted;
-      if (!workspace_input) {  // an HF folder: convert it next to the output first
-        converted = work_dir;
-        converted += ".fp16-workspace.tmp";
-        tmkit::Hf2TmOptions o;
-        o.src = src;
-        o.dst = converted;
-        o.force = true;
-        tmkit::convert_hf_to_tm(o);
-        ws = converted;
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool workspace_input = tmkit::fs::exists(tmkit::weights_dir(o.src) / "config.yaml");
+    nlohmann::json report = {{"source", o.src.string()}, {"work_dir", o.work_dir.string()}, {"method", o.method},
+                             {"format", o.format},       {"w_bits", o.w_bits},              {"group_size", o.group}};
+    if (workspace_input && (o.method != "rtn" || o.format != "turbomind"))
+      tmkit::fail("{}: a TurboMind workspace takes --method rtn --format turbomind only; give the HF model folder",
+                  o.src.string());
+    if (o.method == "rtn") {
+      if (o.format == "hf-awq") {
+        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force).linears;
+      } else if (workspace_input) {
+        report["linears"] = tmkit::quantize_workspace_rtn(o.src, o.work_dir, o.group, o.force).linears;
+      } else {
+        as_workspace(o, [&](const path& tmp) { report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, true).linears; });
       }
-      tmkit::RtnReport rep;
-      try {
-        rep = tmkit::quantize_workspace_rtn(ws, work_dir, group, force);
-      } catch (...) {
-        if (!converted.empty()) tmkit::fs::remove_all(converted);
-        throw;
-      }
-      if (!converted.empty()) tmkit::fs::remove_all(converted);
-      linears = rep.linears;
-      seconds = rep.seconds;
-    }
-    if (json) {
-      nlohmann::json j = {{"source", src.string()}, {"work_dir", work_dir.string()}, {"method", method},
-                          {"format", format},       {"w_bits", w_bits},              {"group_size", group},
-                          {"linears", linears},     {"seconds", seconds}};
-      fmt::print("{}\n", j.dump(2));
     } else {
-      fmt::print(stderr, "awq-quantize: {} linears quantized (rtn, w{}g{}, {}) into {} in {:.2f} s\n", linears, w_bits,
-                 group, format, work_dir.string(), seconds);
+      if (o.device == "cuda") tmkit::fail("--device cuda: the GPU search is not in this build yet; use --device cpu");
+      if (o.calib_dataset.empty()) tmkit::fail("--method awq needs --calib-dataset (text or .i32 token ids)");
+      if (tmkit::fs::exists(o.work_dir) && !o.force)
+        tmkit::fail("--work-dir {}: exists (use --force to replace it)", o.work_dir.string());
+      tmkit::Sampling sampling{};
+      tmkit::parse_sampling(o.sampling, &sampling);
+      const auto tok = tmkit::load_tokenizer(o.src);
+      const auto blocks = tmkit::sample_blocks(tmkit::dataset_tokens(o.calib_dataset, *tok, o.dataset),
+                                               {o.calib_samples, o.calib_seqlen, sampling, o.seed});
+      o.awq.group = o.group;
+      o.awq.search_scale = !o.no_search_scale;
+      o.awq.clip = !o.no_clip;
+      const tmkit::AwqResult r = tmkit::awq_search_cpu(
+          o.src, blocks, o.calib_samples, o.calib_seqlen, o.awq, [&](const tmkit::AwqLayerReport& l, int64_t n) {
+            progress.update(l.layer + 1, n, double(l.layer + 1), double(n), fmt::format("layer {}", l.layer));
+          });
+      progress.finish();
+      nlohmann::json layers = nlohmann::json::array();
+      for (const auto& l : r.layers)
+        layers.push_back({{"layer", l.layer}, {"ratio", l.ratio}, {"loss_rtn", l.loss_rtn}, {"loss", l.loss_best},
+                          {"clip_mean_ratio", l.clip_mean_ratio}, {"seconds", l.seconds}});
+      report["layers"] = layers;
+      report["calibration"] = {{"dataset", o.calib_dataset.string()}, {"samples", o.calib_samples},
+                               {"seqlen", o.calib_seqlen}, {"sampling", o.sampling}, {"seed", o.seed}};
+      report["device"] = "cpu";
+      if (o.format == "hf-awq") {
+        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors).linears;
+      } else {
+        as_workspace(o, [&](const path& tmp) {
+          report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, true, &r.tensors).linears;
+        });
+      }
     }
+    report["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (o.json) fmt::print("{}\n", report.dump(2));
+    else if (!o.quiet)
+      fmt::print(stderr, "awq-quantize: {} linears ({}, w{}g{}, {}) into {} in {:.2f} s\n", report["linears"].get<int64_t>(),
+                 o.method, o.w_bits, o.group, o.format, o.work_dir.string(), report["seconds"].get<double>());
     return 0;
   } catch (const std::exception& e) {
+    progress.finish();
     fmt::print(stderr, "awq-quantize: error: {}\n", e.what());
     return 1;
   }
