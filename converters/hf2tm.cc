@@ -382,10 +382,7 @@ void write_int4_plans(const Checkpoint& ckpt, const Plans& plans, int64_t group,
 
 Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progress) {
   const auto t0 = std::chrono::steady_clock::now();
-  // --force must never replace the folder being read (or one that contains it).
-  const fs::path src = fs::weakly_canonical(opt.src), dst = fs::weakly_canonical(opt.dst);
-  if (std::mismatch(dst.begin(), dst.end(), src.begin(), src.end()).first == dst.end())
-    fail("--dst-path {}: is or contains the source model folder {}", opt.dst.string(), opt.src.string());
+  check_not_inside(opt.dst, opt.src, "--dst-path");
   const HfConfig hf = load_hf_config(opt.src);
   const fs::path config_json = opt.src / "config.json";
   if (hf.awq.present) {  // TurboMind v0.6 takes AutoAWQ GEMM, 4 bits, group 128 (spec §6.2)

@@ -1,5 +1,7 @@
 #include "file_io.h"
 
+#include <algorithm>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -17,6 +19,10 @@ namespace tmkit {
 namespace {
 std::string errno_text() { return std::strerror(errno); }
 
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_interrupt(int) { g_interrupted.store(true); }
+}  // namespace
+
 fs::path unique_sibling(const fs::path& dest, const char* tag) {
   static std::random_device rd;
   fs::path parent = dest.parent_path().empty() ? fs::path(".") : dest.parent_path();
@@ -27,9 +33,11 @@ fs::path unique_sibling(const fs::path& dest, const char* tag) {
   fail("{}: cannot find a free temporary name", dest.string());
 }
 
-std::atomic<bool> g_interrupted{false};
-extern "C" void on_interrupt(int) { g_interrupted.store(true); }
-}  // namespace
+void check_not_inside(const fs::path& dst, const fs::path& src, const std::string& flag) {
+  const fs::path d = fs::weakly_canonical(dst), s = fs::weakly_canonical(src);
+  if (std::mismatch(d.begin(), d.end(), s.begin(), s.end()).first == d.end())
+    fail("{} {}: is or contains the source model folder {}", flag, dst.string(), src.string());
+}
 
 MappedFile::MappedFile(const fs::path& path) : path_(path) {
   // O_NONBLOCK: opening a FIFO must not wait for a writer; anything not regular is refused below.

@@ -58,6 +58,13 @@ inline void write_file(const fs::path& path, const std::string& s) { write_file(
 
 // Writes go into tmp(), a fresh directory beside `dest`; commit() renames it to `dest`
 // (replacing an existing `dest` only when `overwrite`); otherwise the destructor removes it.
+// A fresh hidden name next to `dest` (".<name>.<tag>-<random>") that does not exist yet.
+fs::path unique_sibling(const fs::path& dest, const char* tag);
+
+// Refuses (naming `flag`) an output folder that is, or contains, the input folder: --force must
+// never replace what is being read.
+void check_not_inside(const fs::path& dst, const fs::path& src, const std::string& flag);
+
 class AtomicOutputDir {
  public:
   AtomicOutputDir(const fs::path& dest, bool overwrite);

@@ -1,5 +1,8 @@
 #include "hf_config.h"
 
+#include <algorithm>
+#include <cctype>
+
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -149,7 +152,9 @@ HfConfig parse_hf_config(const std::string& text, const std::string& where) {
     if (bits < 1 || bits > 8 || group < 1 || group > 65536) fail("{}: quantization_config bits/group_size out of range", where);
     c.awq.bits = int(bits);
     c.awq.group_size = int(group);
-    c.awq.version = r.str_opt(*q, "version");
+    c.awq.version = r.str_opt(*q, "version");  // AutoAWQ writes "gemm"; older tools "GEMM"; transformers' default
+    std::transform(c.awq.version.begin(), c.awq.version.end(), c.awq.version.begin(), [](unsigned char ch) { return char(std::tolower(ch)); });
+    if (c.awq.version.empty()) c.awq.version = "gemm";
     auto zp = q->find("zero_point");
     c.awq.zero_point = zp == q->end() || !zp->is_boolean() || zp->get<bool>();
   }

@@ -107,7 +107,7 @@ void check_finite(const Mat& m, int64_t layer, const std::string& what) {
 }
 
 struct ScaleChoice {
-  double ratio = -1, loss_rtn = 0, loss_best = 0;
+  double ratio = -1, loss_ratio0 = 0, loss_best = 0;
   Vec s;
 };
 
@@ -144,7 +144,7 @@ ScaleChoice search_scale(const Mat& x, const std::vector<const Mat*>& ws, const 
       q.push_back((pseudo_quant(scaled, opt.group).array().rowwise() / s.transpose().array()).matrix());
     }
     const double loss = (org - inspect(q)).squaredNorm() / double(org.size());
-    if (i == 0) best.loss_rtn = loss;
+    if (i == 0) best.loss_ratio0 = loss;
     if (loss < best.loss_best) {  // strictly lower: ties keep the smaller ratio
       best.loss_best = loss;
       best.ratio = double(i) / double(opt.n_grid);
@@ -270,7 +270,7 @@ AwqResult awq_search_cpu(const fs::path& hf_dir, const std::vector<int32_t>& tok
       }, opt, i, "down_proj");
       for (const ScaleChoice* s : std::initializer_list<const ScaleChoice*>{&s1, &s2, &s3, &s4}) {
         rep.ratio.push_back(s->ratio);
-        rep.loss_rtn.push_back(s->loss_rtn);
+        rep.loss_ratio0.push_back(s->loss_ratio0);
         rep.loss_best.push_back(s->loss_best);
       }
       const auto scale_cols = [](Mat& W, const Vec& s) { W.array().rowwise() *= s.transpose().array(); };

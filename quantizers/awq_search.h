@@ -26,8 +26,8 @@ struct AwqOptions {
 struct AwqLayerReport {
   int64_t layer = 0;
   // Per scale group (qkv, o, gate_up, down): the chosen ratio (-1: not searched, e.g. o_proj under
-  // GQA), and the output MSE at ratio 0 (plain RTN) and at the chosen ratio.
-  std::vector<double> ratio, loss_rtn, loss_best;
+  // GQA), and the output MSE at ratio 0 (plain RTN, except with --duo-scaling) and at the choice.
+  std::vector<double> ratio, loss_ratio0, loss_best;
   double clip_mean_ratio = 1.0;  // mean of max_val / org_max over the clipped groups
   double seconds = 0;
 };

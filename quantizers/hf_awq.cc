@@ -49,6 +49,7 @@ std::vector<float> read_floats(const TensorView& v) {
 HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
                          const std::map<std::string, std::vector<float>>* replaced, uint64_t max_shard_bytes) {
   const auto t0 = std::chrono::steady_clock::now();
+  check_not_inside(dst, src, "--work-dir");
   const HfConfig hf = load_hf_config(src);
   if (hf.awq.present) fail("{}: already an AWQ checkpoint (quantization_config)", (src / "config.json").string());
   if (hf.arch == Arch::InternLM2)

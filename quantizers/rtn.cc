@@ -59,6 +59,7 @@ Int4Linear quantize_rtn(const float* w, int64_t K, int64_t N, int64_t group) {
 
 RtnReport quantize_workspace_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force) {
   const auto t0 = std::chrono::steady_clock::now();
+  check_not_inside(dst, src, "--work-dir");
   const TmConfig c = load_tm_config(src);
   if (c.weight_type == "int4") fail("{}: already an int4 workspace", src.string());
   const DType in_type = c.weight_dtype();

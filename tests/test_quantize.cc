@@ -104,6 +104,12 @@ TEST(HfAwq, BadInputs) {
   EXPECT_NE(indivisible.find("not a multiple of the group size 96"), std::string::npos) << indivisible;
   EXPECT_NE(indivisible.find("_proj.weight"), std::string::npos) << indivisible;
   EXPECT_FALSE(fs::exists(tmp / "g"));
+  // --force never replaces the folder being read, nor one that contains it.
+  fs::create_directories(tmp / "m");
+  fs::copy(src, tmp / "m" / "tiny-qwen2", fs::copy_options::recursive);
+  EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(tmp / "m" / "tiny-qwen2", tmp / "m", 128, true); }).find("contains the source"),
+            std::string::npos);
+  EXPECT_TRUE(fs::exists(tmp / "m" / "tiny-qwen2" / "config.json"));
   // An existing destination needs --force; an AWQ checkpoint is not quantized again.
   write_hf_awq_rtn(src, tmp / "awq", 128, false);
   EXPECT_NE(test::error_of([&] { write_hf_awq_rtn(src, tmp / "awq", 128, false); }), "");
@@ -225,7 +231,7 @@ TEST(Awq, SearchBeatsRtnAndRerunsIdentically) {
     for (const auto& l : r.layers) {
       EXPECT_EQ(l.ratio.size(), 4u);
       EXPECT_EQ(l.ratio[1], -1.0) << "o_proj has no scale under GQA";
-      for (size_t g : {0, 2, 3}) EXPECT_LE(l.loss_best[g], l.loss_rtn[g]);
+      for (size_t g : {0, 2, 3}) EXPECT_LE(l.loss_best[g], l.loss_ratio0[g]);
       EXPECT_LT(l.clip_mean_ratio, 1.0);
     }
     fs::create_directories(tmp / "awq");  // the model's own folder name: config.yaml records it

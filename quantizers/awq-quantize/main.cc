@@ -29,8 +29,7 @@ struct Options {
 
 // Runs `write` into a temporary hf-awq sibling of the output, then hf2tm into the output.
 void as_workspace(const Options& o, const std::function<void(const path&)>& write) {
-  path tmp = o.work_dir;
-  tmp += ".hf-awq.tmp";
+  const path tmp = tmkit::unique_sibling(o.work_dir, "hf-awq");
   write(tmp);
   try {
     tmkit::Hf2TmOptions h;
@@ -87,6 +86,8 @@ int main(int argc, char** argv) {
     const bool workspace_input = tmkit::fs::exists(tmkit::weights_dir(o.src) / "config.yaml");
     nlohmann::json report = {{"source", o.src.string()}, {"work_dir", o.work_dir.string()}, {"method", o.method},
                              {"format", o.format},       {"w_bits", o.w_bits},              {"group_size", o.group}};
+    if (o.format == "turbomind" && o.group != 128)  // before a search that may take long
+      tmkit::fail("--w-group-size {}: TurboMind int4 workspaces take group 128 only", o.group);
     if (workspace_input && (o.method != "rtn" || o.format != "turbomind"))
       tmkit::fail("{}: a TurboMind workspace takes --method rtn --format turbomind only; give the HF model folder",
                   o.src.string());
@@ -96,13 +97,14 @@ int main(int argc, char** argv) {
       } else if (workspace_input) {
         report["linears"] = tmkit::quantize_workspace_rtn(o.src, o.work_dir, o.group, o.force).linears;
       } else {
-        as_workspace(o, [&](const path& tmp) { report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, true).linears; });
+        as_workspace(o, [&](const path& tmp) { report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false).linears; });
       }
     } else {
       if (o.device == "cuda") tmkit::fail("--device cuda: the GPU search is not in this build yet; use --device cpu");
       if (o.calib_dataset.empty()) tmkit::fail("--method awq needs --calib-dataset (text or .i32 token ids)");
-      if (tmkit::fs::exists(o.work_dir) && !o.force)
+      if (tmkit::fs::exists(o.work_dir) && !o.force)  // before the search, not after it
         tmkit::fail("--work-dir {}: exists (use --force to replace it)", o.work_dir.string());
+      tmkit::check_not_inside(o.work_dir, o.src, "--work-dir");
       tmkit::Sampling sampling{};
       tmkit::parse_sampling(o.sampling, &sampling);
       const auto tok = tmkit::load_tokenizer(o.src);
@@ -118,7 +120,7 @@ int main(int argc, char** argv) {
       progress.finish();
       nlohmann::json layers = nlohmann::json::array();
       for (const auto& l : r.layers)
-        layers.push_back({{"layer", l.layer}, {"ratio", l.ratio}, {"loss_rtn", l.loss_rtn}, {"loss", l.loss_best},
+        layers.push_back({{"layer", l.layer}, {"ratio", l.ratio}, {"loss_ratio0", l.loss_ratio0}, {"loss", l.loss_best},
                           {"clip_mean_ratio", l.clip_mean_ratio}, {"seconds", l.seconds}});
       report["layers"] = layers;
       report["calibration"] = {{"dataset", o.calib_dataset.string()}, {"samples", o.calib_samples},
@@ -128,7 +130,7 @@ int main(int argc, char** argv) {
         report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors).linears;
       } else {
         as_workspace(o, [&](const path& tmp) {
-          report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, true, &r.tensors).linears;
+          report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false, &r.tensors).linears;
         });
       }
     }
