@@ -3,13 +3,13 @@
 // Append: one warp per (token row, kv head, K or V); lane l holds the D / 32 consecutive channels
 // l D / 32 .. (l + 1) D / 32 - 1, so that int4's channel pairs (2i, 2i + 1) are in one lane for
 // D >= 64, and in lanes (2i, 2i + 1) for D = 32 (one shuffle). The min and max over the head's
-// channels are warp reductions (exact in any order); scale, zero and codes follow cuda/kv_quant.cu
-// step for step (explicit roundings), which is what makes the cache's dequantized values equal
+// channels are warp reductions (exact in any order); scale, zero and codes come from kv_quant.cuh,
+// shared with the round trip on the qkv buffer (explicit roundings), which is what makes the cache's dequantized values equal
 // kv_fake_quant's bit for bit. Quantizing while writing means the fp32 K/V never reach memory twice.
 #include <climits>
 
-#include "block_reduce.cuh"
 #include "kv_cache.h"
+#include "kv_quant.cuh"
 
 namespace tmkit::cuda {
 
@@ -79,23 +79,11 @@ __global__ void kv_append_kernel(const float* qkv, int rows, int T_, int H, KvLa
     for (int i = 0; i < 4; ++i)
       if (i < per_lane) out[i] = __float2half_rn(v[i]);
   } else {
-    float lo = INFINITY, hi = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (i < per_lane) {
-        lo = fminf(lo, v[i]);
-        hi = fmaxf(hi, v[i]);
-      }
-    lo = -warp_max(-lo);
-    hi = warp_max(hi);
-    const float qmax = float((1 << BITS) - 1);
-    const __half scale_h = __float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), qmax)), zero_h = __float2half_rn(lo);
-    const float scale = __half2float(scale_h), zero = __half2float(zero_h);
+    const KvQuantParams p = kv_quant_params(v, per_lane, BITS);
     uint32_t q[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      q[i] = scale > 0 ? uint32_t(fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(v[i], zero), scale)), 0.0f), qmax)) : 0u;
-    if (lane == 0) (is_v ? c.v_param : c.k_param)[dst_row] = __halves2half2(scale_h, zero_h);
+    for (int i = 0; i < 4; ++i) q[i] = uint32_t(kv_quant_code(v[i], p));
+    if (lane == 0) (is_v ? c.v_param : c.k_param)[dst_row] = __halves2half2(p.scale_h, p.zero_h);
     if constexpr (BITS == 8) {
 #pragma unroll
       for (int i = 0; i < 4; ++i)

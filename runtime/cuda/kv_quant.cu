@@ -2,8 +2,8 @@
 // forward without a cache applies to K and V so that it equals attention over the cache. bits 8/4:
 // quantize-dequantize; 16: round to fp16. One warp per (token, kv head, K or V); lane l holds
 // channels l, l + 32, ... (D <= 128).
-#include "block_reduce.cuh"
 #include "kernels.h"
+#include "kv_quant.cuh"
 
 namespace tmkit::cuda {
 
@@ -17,25 +17,16 @@ __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bi
     return;
   }
   float v[4];
-  float lo = INFINITY, hi = -INFINITY;
   for (int i = 0; i < 4; ++i) {
     const int c = lane + 32 * i;
     v[i] = c < D ? x[c] : 0.0f;
-    if (c < D) {
-      lo = fminf(lo, v[i]);
-      hi = fmaxf(hi, v[i]);
-    }
   }
-  lo = -warp_max(-lo);
-  hi = warp_max(hi);
-  const float qmax = float((1 << bits) - 1);
-  const float scale = __half2float(__float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), qmax))), zero = __half2float(__float2half_rn(lo));
+  const KvQuantParams p = kv_quant_params(v, lane < D ? (D - 1 - lane) / 32 + 1 : 0, bits);  // channels c < D
   for (int i = 0; i < 4; ++i) {
     const int c = lane + 32 * i;
     if (c >= D) continue;
-    // Explicit roundings (no FMA contraction) so that this equals the CPU's kv_fake_quant bit for bit.
-    const float q = scale > 0 ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(v[i], zero), scale)), 0.0f), qmax) : 0.0f;
-    x[c] = __fadd_rn(__fmul_rn(q, scale), zero);
+    const float q = kv_quant_code(v[i], p);
+    x[c] = __fadd_rn(__fmul_rn(q, p.scale), p.zero);
   }
 }
 
