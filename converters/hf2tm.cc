@@ -310,15 +310,7 @@ std::string resolve_weight_type(const std::string& flag, const HfConfig& hf, con
 
 void copy_tokenizer(const fs::path& src, const fs::path& dst, std::vector<std::string>* files) {
   fs::create_directories(dst);
-  std::vector<fs::path> picked;
-  for (const auto& e : fs::directory_iterator(src)) {
-    if (!e.is_regular_file()) continue;
-    const std::string name = e.path().filename().string(), ext = e.path().extension().string();
-    if (ext == ".json" || ext == ".py" || ext == ".model" || ext == ".tiktoken" || name == "merges.txt" ||
-        name == "vocab.txt")
-      picked.push_back(e.path());
-  }
-  std::sort(picked.begin(), picked.end());
+  const std::vector<fs::path> picked = hf_side_files(src);
   for (const auto& p : picked) {
     std::error_code ec;
     fs::copy_file(p, dst / p.filename(), fs::copy_options::overwrite_existing, ec);

@@ -167,4 +167,16 @@ HfConfig load_hf_config(const fs::path& model_dir) {
   return parse_hf_config(read_text_file(p), p.string());
 }
 
+std::vector<fs::path> hf_side_files(const fs::path& model_dir) {
+  std::vector<fs::path> picked;
+  for (const auto& e : fs::directory_iterator(model_dir)) {
+    if (!e.is_regular_file()) continue;
+    const std::string name = e.path().filename().string(), ext = e.path().extension().string();
+    if (ext == ".json" || ext == ".py" || ext == ".model" || ext == ".tiktoken" || name == "merges.txt" || name == "vocab.txt")
+      picked.push_back(e.path());
+  }
+  std::sort(picked.begin(), picked.end());
+  return picked;
+}
+
 }  // namespace tmkit

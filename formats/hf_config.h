@@ -4,6 +4,7 @@
 // `torch_dtype`) and transformers-5 (`rope_parameters`, `dtype`) spellings are read.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "file_io.h"
 
@@ -45,5 +46,9 @@ struct HfConfig {
 
 HfConfig parse_hf_config(const std::string& json_text, const std::string& where);
 HfConfig load_hf_config(const fs::path& model_dir);
+
+// The files a model folder carries besides its weights that converters copy along: tokenizer and
+// generation files (*.json, *.model, *.tiktoken, merges.txt, vocab.txt), sorted by name.
+std::vector<fs::path> hf_side_files(const fs::path& model_dir);
 
 }  // namespace tmkit

@@ -153,11 +153,9 @@ HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group
   if (config.contains("torch_dtype")) config["torch_dtype"] = "float16";
   if (config.contains("dtype")) config["dtype"] = "float16";
   write_file(dir.tmp() / "config.json", config.dump(2) + "\n");
-  for (const auto& e : fs::directory_iterator(src)) {  // tokenizer and generation files
-    const std::string name = e.path().filename().string(), ext = e.path().extension().string();
-    if (!e.is_regular_file() || name == "config.json" || name == "model.safetensors.index.json") continue;
-    if (ext == ".json" || ext == ".model" || ext == ".tiktoken" || name == "merges.txt" || name == "vocab.txt")
-      fs::copy_file(e.path(), dir.tmp() / name);
+  for (const fs::path& f : hf_side_files(src)) {  // tokenizer and generation files; config.json and the index are new
+    const std::string name = f.filename().string();
+    if (name != "config.json" && name != "model.safetensors.index.json") fs::copy_file(f, dir.tmp() / name);
   }
   dir.commit();
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
