@@ -10,9 +10,10 @@
 
 namespace tmkit {
 
-// The W4A16 product the GPU model uses, on its own: y[M, N] = x[M, K] (fp16 bits) * w. M <= 16 runs
-// the int4 GEMV kernel, longer inputs dequantize to fp16 and use cuBLAS. For tests and benchmarks.
-std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M);
+// The W4A16 product the GPU model uses, on its own: y[M, N] = x[M, K] (fp16 bits) * w, by the
+// kernel W4Linear picks for M (path 0) or a forced one (W4Linear::Path 1 gemv, 2 gemm, 3 dense).
+// For tests and benchmarks.
+std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M, int path = 0);
 
 // The GPU's KV quantize-dequantize on its own, on a host qkv buffer [T, (H + 2 KV) D]. For tests.
 void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits);

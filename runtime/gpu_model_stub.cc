@@ -12,7 +12,7 @@ size_t gpu_kv_cache_roundtrip(const std::vector<float>&, int, int, int, int, KvM
                               std::vector<float>*) {
   fail("no CUDA");
 }
-std::vector<float> gpu_w4a16_matmul(const Int4Linear&, const std::vector<uint16_t>&, int) { fail("no CUDA"); }
+std::vector<float> gpu_w4a16_matmul(const Int4Linear&, const std::vector<uint16_t>&, int, int) { fail("no CUDA"); }
 GpuModel::GpuModel(const ModelWeights&, KvMode) { fail("--device cuda: this build of tmkit has no CUDA (configure with -DTMKIT_CUDA=ON)"); }
 GpuModel::~GpuModel() = default;
 const TmConfig& GpuModel::config() const { fail("no CUDA"); }

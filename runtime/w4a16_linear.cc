@@ -36,16 +36,20 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
 }
 
 void W4Linear::run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
-                   cudaStream_t st) const {
-  if (!dense_elements(M)) return cuda::w4a16_mma(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
-  dense.resize(dense_elements(M));
+                   cudaStream_t st, Path path) const {
+  switch (choose(M, path)) {
+    case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    default: break;
+  }
+  dense.resize(size_t(K) * size_t(N));
   cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, dense.get(), st);
   const float one = 1.0f, zero = 0.0f;
   TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
                                   K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M) {
+std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M, int path) {
   if (int64_t(x.size()) != M * w.K) fail("gpu_w4a16_matmul: x has {} values, expected {}", x.size(), M * w.K);
   const W4Linear d(w);
   cuda::DeviceBuffer<__half> xd(x.size()), dense;
@@ -53,7 +57,7 @@ std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint1
   TMKIT_CUDA_CHECK(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
   cublasHandle_t blas = nullptr;
   TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
-  d.run(blas, xd.get(), M, y.get(), dense, nullptr);
+  d.run(blas, xd.get(), M, y.get(), dense, nullptr, W4Linear::Path(path));
   std::vector<float> out(size_t(M) * w.N);
   const cudaError_t err = cudaMemcpy(out.data(), y.get(), out.size() * 4, cudaMemcpyDeviceToHost);
   cublasDestroy(blas);

@@ -1,5 +1,5 @@
 // An int4 linear (TurboMind v0.6 layout, group 128) on the device, repacked at load time into the
-// layout of the W4A16 kernel (cuda/w4a16_mma.cu), and its product with fp16 activations. The
+// layout of the W4A16 kernels (cuda/w4a16_common.cuh), and its product with fp16 activations. The
 // files on disk keep the spec's layout; only device memory holds the packed one.
 #pragma once
 #include "cuda/cuda_utils.h"
@@ -12,19 +12,32 @@ class W4Linear {
   explicit W4Linear(const Int4Linear& w);
   int K = 0, N = 0;
 
-  // y[M, N] (fp32) = x[M, K] (fp16) * W. Up to kFusedRows rows run the fused W4A16 kernel; longer
-  // inputs dequantize W into `dense` (grown as needed) and use cuBLAS. `fused` = false forces that.
-  // (bench-kernels: the fused kernel wins up to M = 32; from M ~ 48 dequantize + cuBLAS is faster.)
-  static constexpr int kFusedRows = 32;
+  // Which kernel computes a product: the split-K GEMV (few rows), the tiled GEMM, or W
+  // dequantized to fp16 + cuBLAS (the only one for zero points that are not integers 0..15).
+  enum class Path { kAuto, kGemv, kGemm, kDense };
+  // Row counts where kAuto switches, from bench-kernels on an H200 (docs/performance.md): the
+  // GEMM wins from 17 rows (the layer's four shapes together) and still at 128; at 512
+  // dequantize + cuBLAS is 1.6-1.8x faster.
+  static constexpr int kGemvRows = 16, kGemmRows = 128;
+
+  // y[M, N] (fp32) = x[M, K] (fp16) * W; `dense` holds the dequantized W on the kDense path
+  // (grown as needed). kGemv takes M <= 32.
   void run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
-           cudaStream_t st) const;
-  // The `dense` elements run(M) needs (0 on the fused path): callers capturing CUDA graphs grow it first.
-  size_t dense_elements(int M) const { return fused_ && M <= kFusedRows ? 0 : size_t(K) * size_t(N); }
+           cudaStream_t st, Path path = Path::kAuto) const;
+  // The `dense` elements run(M) needs (0 off the kDense path): callers capturing CUDA graphs grow it first.
+  size_t dense_elements(int M, Path path = Path::kAuto) const {
+    return choose(M, path) == Path::kDense ? size_t(K) * size_t(N) : 0;
+  }
 
  private:
-  cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_mma.cu
+  cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_common.cuh
   cuda::DeviceBuffer<__half> scales_, zeros_;  // [K/128, N], as on disk
-  bool fused_ = true;  // integer zero points: the fused kernel applies
+  bool fused_ = true;  // integer zero points: the tensor-core kernels apply
+  Path choose(int M, Path path) const {
+    if (!fused_) return Path::kDense;
+    if (path != Path::kAuto) return path;
+    return M <= kGemvRows ? Path::kGemv : M <= kGemmRows ? Path::kGemm : Path::kDense;
+  }
 };
 
 }  // namespace tmkit

@@ -115,10 +115,14 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
     for (float& v : w) v = 0.05f * uniform();
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
     const std::vector<float> dq = dequantize(q);
-    for (int M : {1, 3, 8, 9, 16, 17, 32, 33, 100, 128, 2048}) {  // every row tiling of the kernel, and the dense path
+    // Every row tiling of every kernel: the split-K GEMV (M <= 32), the tiled GEMM, and the
+    // dequantize + cuBLAS path.
+    for (int M : {1, 3, 8, 9, 16, 17, 32, 33, 100, 128, 2048})
+    for (int path = 1; path <= 3; ++path) {
+      if (path == 1 && M > 32) continue;
       std::vector<uint16_t> x(size_t(M) * K);
       for (auto& v : x) v = float_to_half(uniform());
-      const std::vector<float> y = gpu_w4a16_matmul(q, x, M);
+      const std::vector<float> y = gpu_w4a16_matmul(q, x, M, path);
       double num = 0, den = 0;
       for (int m = 0; m < M; m += std::max(1, M / 64))  // a sample of rows keeps the reference cheap
         for (int n = 0; n < N; ++n) {
@@ -128,8 +132,8 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
           den += ref * ref;
         }
       const double rel = std::sqrt(num / den);
-      std::printf("W4A16 K=%d N=%d M=%d: rel-L2 %.3g\n", K, N, M, rel);
-      EXPECT_LE(rel, 1e-3) << K << "x" << N << " M=" << M;
+      std::printf("W4A16 K=%d N=%d M=%d path %d: rel-L2 %.3g\n", K, N, M, path, rel);
+      EXPECT_LE(rel, 1e-3) << K << "x" << N << " M=" << M << " path " << path;
     }
   }
 }

@@ -1,7 +1,7 @@
 // bench-kernels: W4A16 against the bandwidth ceiling and cuBLAS fp16, measured in one run.
 //   ceiling  a device-to-device copy (bytes read + written per second)
-//   W4A16    tmkit's int4 product as tm-eval runs it: the tensor-core kernels of w4a16_mma.cu for
-//            M <= 32, dequantize + cuBLAS beyond
+//   W4A16    tmkit's int4 products: the split-K GEMV (w4a16_gemv.cu, M <= 32) and the tiled GEMM
+//            (w4a16_gemm.cu) in both of their block shapes, and dequantize + cuBLAS
 //   cuBLAS   the same product with dense fp16 weights
 // Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
 // events; median of the repetitions. See README.md beside this file.
@@ -10,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "cuda/cuda_utils.h"
@@ -81,6 +82,12 @@ double median_ms_plain(int reps, F&& f) {
   return ms[ms.size() / 2];
 }
 
+std::string fmt_us(double ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", ms * 1e3);
+  return buf;
+}
+
 template <typename T>
 void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: they hide bugs and run fast
   std::vector<T> h(n);
@@ -98,7 +105,7 @@ void fill_random(DeviceBuffer<T>& buf, size_t n, uint32_t seed) {  // no zeros: 
 
 int main(int argc, char** argv) {
   int reps = 50;
-  std::vector<int> ms = {1, 4, 16, 32, 128};
+  std::vector<int> ms = {1, 4, 16, 32, 128, 512};
   int gemm_rows = 512;
   CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
   app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
@@ -120,7 +127,8 @@ int main(int argc, char** argv) {
     cublasHandle_t blas;
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
-    std::printf("| K x N | M | W4A16 us (8 / 16 cols) | W4A16 GB/s | %% of copy | cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|\n");
+    std::printf("| K x N | M | gemv us (v0 / v1) | gemm us (v0 / v1) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
+                "cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|---|---|\n");
     const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
@@ -134,25 +142,36 @@ int main(int argc, char** argv) {
         fill_random(zr[size_t(c)], size_t(K / 128) * N, uint32_t(c + 9));
       }
       for (int c = 0; c < dense_copies; ++c) fill_random(dense[size_t(c)], size_t(K) * N, uint32_t(c + 3));
+      DeviceBuffer<__half> scratch(size_t(K) * N);
       for (int M : ms) {
-        DeviceBuffer<__half> x, scratch(M > 32 ? size_t(K) * N : 1);
+        DeviceBuffer<__half> x;
         fill_random(x, size_t(M) * K, 5);
         DeviceBuffer<float> y(size_t(M) * N);
         const float one = 1.0f, zero = 0.0f;
-        double w4_variant_ms[2] = {};
-        for (int variant = 0; variant < 2; ++variant)
-          w4_variant_ms[variant] = median_ms(reps, [&](int i, cudaStream_t st) {
+        auto time_w4 = [&](auto&& kernel) {
+          return median_ms(reps, [&](int i, cudaStream_t st) {
             const size_t c = size_t(i % copies);
-            if (M <= 32) {
-              tmkit::cuda::w4a16_mma(x.get(), M, K, N, qw[c].get(), sc[c].get(), zr[c].get(), y.get(), st, variant);
-            } else {
-              tmkit::cuda::w4_dequant_packed(qw[c].get(), sc[c].get(), zr[c].get(), K, N, scratch.get(), st);
-              cublasSetStream(blas, st);
-              cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
-                           K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-            }
+            kernel(qw[c].get(), sc[c].get(), zr[c].get(), st);
           });
-        const double w4_ms = std::min(w4_variant_ms[0], w4_variant_ms[1]);
+        };
+        const double inf = 1e30;
+        double gemv_ms[2] = {inf, inf}, gemm_ms[2] = {inf, inf};
+        for (int v = 0; v < 2; ++v) {
+          if (M <= 32)
+            gemv_ms[v] = time_w4([&](const uint32_t* q, const __half* s, const __half* z, cudaStream_t st) {
+              tmkit::cuda::w4a16_gemv(x.get(), M, K, N, q, s, z, y.get(), st, v);
+            });
+          gemm_ms[v] = time_w4([&](const uint32_t* q, const __half* s, const __half* z, cudaStream_t st) {
+            tmkit::cuda::w4a16_gemm(x.get(), M, K, N, q, s, z, y.get(), st, v);
+          });
+        }
+        const double dequant_ms = time_w4([&](const uint32_t* q, const __half* s, const __half* z, cudaStream_t st) {
+          tmkit::cuda::w4_dequant_packed(q, s, z, K, N, scratch.get(), st);
+          cublasSetStream(blas, st);
+          cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
+                       K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        });
+        const double w4_ms = std::min({gemv_ms[0], gemv_ms[1], gemm_ms[0], gemm_ms[1], dequant_ms});
         const double blas_ms = median_ms(reps, [&](int i, cudaStream_t st) {
           cublasSetStream(blas, st);
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[size_t(i % dense_copies)].get(), CUDA_R_16F, N,
@@ -161,8 +180,10 @@ int main(int argc, char** argv) {
         TMKIT_CUDA_CHECK(cudaDeviceSynchronize());
         const double bytes = double(w4_bytes) + 2.0 * M * K + 4.0 * M * N;
         const double gbs = bytes / (w4_ms * 1e-3) / 1e9;
-        std::printf("| %d x %d | %d | %.1f / %.1f | %.0f | %.0f%% | %.1f | %.2fx |\n", K, N, M, w4_variant_ms[0] * 1e3,
-                    w4_variant_ms[1] * 1e3, gbs, 100 * gbs / copy_gbs, blas_ms * 1e3, blas_ms / w4_ms);
+        auto us = [](double t) { return t >= 1e29 ? std::string("-") : fmt_us(t); };
+        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.2fx |\n", K, N, M,
+                    us(gemv_ms[0]).c_str(), us(gemv_ms[1]).c_str(), us(gemm_ms[0]).c_str(), us(gemm_ms[1]).c_str(),
+                    us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, blas_ms * 1e3, blas_ms / w4_ms);
       }
     }
 

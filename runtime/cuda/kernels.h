@@ -47,11 +47,15 @@ template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0,
                        const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s);
 
-// W4A16 on tensor cores for M <= 32 rows (w4a16_mma.cu, which explains the packed layout):
-// y[M, N] (fp32) = x[M, K] (fp16) * W, W packed by w4_pack with fp16 scales and integer zeros
-// [K/128, N]. K % 128 == 0, N % 8 == 0. `variant` picks one of two block shapes (see the .cu).
-void w4a16_mma(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
-               float* y, cudaStream_t s, int variant = 0);
+// W4A16 on tensor cores: y[M, N] (fp32) = x[M, K] (fp16) * W, W packed by w4_pack (layout:
+// w4a16_common.cuh) with fp16 scales and integer zeros [K/128, N]; K % 128 == 0, N % 8 == 0.
+// `variant` 0 or 1 picks one of two block shapes per row range (bench-kernels times both).
+// w4a16_gemv: M <= 32, warps split K (w4a16_gemv.cu); w4a16_gemm: any M, tiles through shared
+// memory (w4a16_gemm.cu). W4Linear (../w4a16_linear.h) chooses between them.
+void w4a16_gemv(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+                float* y, cudaStream_t s, int variant = 0);
+void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
+                float* y, cudaStream_t s, int variant = 0);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
 // The packed int4 linear as dense fp16 w[K, N] (for the dense GEMM of long inputs).

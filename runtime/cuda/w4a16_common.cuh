@@ -1,0 +1,108 @@
+// What the W4A16 kernels share (w4a16_gemv.cu for few rows, w4a16_gemm.cu for many): the packed
+// weight layout, its exact dequantization into mma fragments, and the tensor-core and cp.async
+// instructions.
+//
+// Why tensor cores even for a GEMV: at M = 1 the work is memory-bound, but an int4 weight streams
+// at ~8.5e12 weights/s on an H200 against ~3.3e13 thread-instructions/s, so the kernel may spend
+// < 4 instructions per weight. mma.sync m16n8k16 does the multiply-adds of 128 weights in one
+// instruction (15/16 of it idle at M = 1, which costs nothing), leaving the dequantization:
+// 1 lop3 + 1 fp16 sub/fma per 2 weights, with exact fp32 accumulation.
+//
+// Packed layout (built once by w4_pack from TurboMind's v0.6 qweight; see ../w4a16_linear.h).
+// One "unit" = 8 output columns x one group of 128 input rows = 512 bytes = 32 uint4, one per
+// lane of a warp:
+//   packed[(tile * (K / 128) + group) * 32 + lane]   tile = n / 8, lane = 4 * (n % 8) + c
+// Lane (col, c) holds column n's 32 weights k = 32c .. 32c + 31 of the group: word j (of 4) holds
+// k = 32c + 8j + e, e = 0..7, at nibble [0, 4, 1, 5, 2, 6, 3, 7][e].
+// Why that order: mma's B fragment gives lane (col = lane / 4, c = lane % 4) the k-pairs
+// {2c, 2c+1} and {2c+8, 2c+9} of each 16-row tile. The reduction does not care which physical
+// row plays which k of the tile, as long as A (x) and B (W) agree, so the kernels map tile t's
+// four k of lane c to the physical rows 32c + 4t .. 32c + 4t + 3: a lane then reads its x values
+// as 4 contiguous uint4 per group and its weights as one uint4. Inside a word, nibbles 0 and 4
+// land in the two halves of one half2 by one lop3 with 0x000f000f (| 0x6400 = 1024 + q), nibbles
+// 1 and 5 with 0x00f000f0 (1024 + 16q); a shift by 8 brings 2, 6 and 3, 7: four half2 per word,
+// = b0, b1 of two consecutive k-tiles.
+// Dequantization: (1024 + q) - (1024 + z) and (1024 + 16q) / 16 - (64 + z) give q - z exactly
+// for integer zeros 0..15 (W4Linear checks; other zeros take the dequantizing path). The GEMV
+// applies the scale per group in fp32 to the group's mma accumulators, so it rounds no weight: the
+// result is the exact product up to fp32 summation order (the GEMM rounds (q - z) * s to fp16).
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace tmkit::cuda::w4 {
+
+constexpr int kGroup = 128, kWarps = 8;
+
+__device__ inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));  // (a & b) | c
+  return d;
+}
+
+__device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep it in L1
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// 16 bytes global -> shared without registers (L2 only); `valid` = false writes zeros instead.
+__device__ inline void cp_async16(uint32_t smem, const void* gmem, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ inline void cp_async_wait() {  // all but the newest kPending groups of this thread landed
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+__device__ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ inline uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ inline __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// fp16 constants by their bits: cuda_fp16's conversions are inline asm, which the compiler does
+// not fold, so __float2half(1024.0f) would cost an instruction at every use.
+__device__ __forceinline__ __half2 half2_bits(uint16_t bits) {
+  const __half h = __ushort_as_half(bits);
+  return __halves2half2(h, h);
+}
+constexpr uint16_t kHalf1024 = 0x6400, kHalf64 = 0x5400, kHalfSixteenth = 0x2c00;
+
+// The zero point's two constants: (1024 + q) - (1024 + z) and (1024 + 16q) / 16 - (64 + z).
+struct Zero {
+  __half2 lo, hi;
+  Zero() = default;
+  __device__ explicit Zero(__half z) {
+    const __half2 z2 = __halves2half2(z, z);
+    lo = __hadd2(z2, half2_bits(kHalf1024));
+    hi = __hneg2(__hadd2(z2, half2_bits(kHalf64)));
+  }
+};
+
+// Word j of a lane's uint4 as four half2 of q - z: b[0], b[1] = k-tile 2j's pairs {2c, 2c+1} and
+// {2c+8, 2c+9}; b[2], b[3] = the same of k-tile 2j + 1.
+__device__ inline void dequant_word(uint32_t v, const Zero& z, uint32_t (&b)[4]) {
+  const __half2 sixteenth = half2_bits(kHalfSixteenth);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    b[2 * half] = as_u32(__hsub2(as_h2(lop3_and_or(v, 0x000f000fu, 0x64006400u)), z.lo));
+    b[2 * half + 1] = as_u32(__hfma2(as_h2(lop3_and_or(v, 0x00f000f0u, 0x64006400u)), sixteenth, z.hi));
+    v >>= 8;
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+}  // namespace tmkit::cuda::w4
