@@ -32,7 +32,6 @@ template <int kRegs, typename Place>
 __device__ inline void reduce_warps_and_store(const float (&acc)[kRegs], float* red, int M, int N, float* y,
                                               Place place) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // `red` may alias memory other warps still read
 #pragma unroll
   for (int i = 0; i < kRegs; ++i) red[(warp * kRegs + i) * 32 + lane] = acc[i];
   __syncthreads();
