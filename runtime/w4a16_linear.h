@@ -25,9 +25,7 @@ class W4Linear {
   void run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
            cudaStream_t st, Path path = Path::kAuto) const;
   // The `dense` elements run(M) needs (0 off the kDense path): callers capturing CUDA graphs grow it first.
-  size_t dense_elements(int M, Path path = Path::kAuto) const {
-    return choose(M, path) == Path::kDense ? size_t(K) * size_t(N) : 0;
-  }
+  size_t dense_elements(int M) const { return choose(M, Path::kAuto) == Path::kDense ? size_t(K) * size_t(N) : 0; }
 
  private:
   cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_common.cuh
