@@ -372,6 +372,12 @@ void write_int4_plans(const Checkpoint& ckpt, const Plans& plans, int64_t group,
 
 }  // namespace
 
+std::string model_name_of(const fs::path& model_dir) {
+  fs::path p = fs::absolute(model_dir).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // "dir/"
+  return p.filename().string();
+}
+
 Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progress) {
   const auto t0 = std::chrono::steady_clock::now();
   check_not_inside(opt.dst, opt.src, "--dst-path");
@@ -388,8 +394,7 @@ Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progr
   rep.weight_type = hf.awq.present ? "int4" : resolve_weight_type(opt.dtype, hf, ckpt);
   rep.tp = opt.tp;
   TmConfig tm = make_tm_config(hf, opt.tp, rep.weight_type);
-  tm.model_name = fs::absolute(opt.src).lexically_normal().filename().string();
-  if (tm.model_name.empty()) tm.model_name = fs::absolute(opt.src).lexically_normal().parent_path().filename().string();
+  tm.model_name = opt.model_name.empty() ? model_name_of(opt.src) : opt.model_name;
   const DType dst_type = tm.weight_dtype();
 
   PlanBuilder builder(ckpt, hf, tm);

@@ -14,6 +14,7 @@ struct Hf2TmOptions {
   std::string dtype = "auto";  // auto | float16 | bfloat16
   bool force = false;
   bool allow_overflow = false;
+  std::string model_name;  // config.yaml's model_name; empty: the source folder's name
 };
 
 struct Hf2TmReport {
@@ -28,6 +29,9 @@ struct Hf2TmReport {
 
 // Called after each tensor file: (files done, files total, bytes done, bytes total, file name).
 using Hf2TmProgress = std::function<void(int64_t, int64_t, uint64_t, uint64_t, const std::string&)>;
+
+// A model's name as config.yaml records it: the name of its folder.
+std::string model_name_of(const fs::path& model_dir);
 
 Hf2TmReport convert_hf_to_tm(const Hf2TmOptions& opt, const Hf2TmProgress& progress = {});
 

@@ -81,6 +81,16 @@ inline std::vector<float> dequantize(const Int4Linear& q) {
 }
 
 // AutoAWQ "GEMM" packing (../shared/specs/awq.md §6.1), the input side of AWQ checkpoints:
+// A linear W[out = N, in = K] quantized and packed in the AutoAWQ GEMM layout (what the hf-awq
+// writer stores; the GPU AWQ search hands its linears over this way).
+struct AwqPackedLinear {
+  int64_t K = 0, N = 0, group = 128;
+  std::vector<int32_t> qweight;  // [K, N/8], codes packed by awq_pack
+  std::vector<int32_t> qzeros;   // [K/group, N/8], zero points packed by awq_pack
+  std::vector<uint16_t> scales;  // [K/group, N] fp16 bits
+  bool operator==(const AwqPackedLinear&) const = default;
+};
+
 // codes [K, N] (0..15, row-major) <-> int32 [K, N/8] with nibble i of word j = column 8j + kAwqOrder[i].
 inline constexpr std::array<int, 8> kAwqOrder = {0, 2, 4, 6, 1, 3, 5, 7};
 

@@ -1,9 +1,11 @@
-// The AWQ search (llm-awq's algorithm, ../shared/specs/awq.md §0-§4) on the CPU, in Eigen fp32 with
-// the quantizer in fp16 steps: layer by layer over calibration blocks, activations always from the
-// unquantized model; per layer the four Llama scale groups (grid of 20, the GQA rule for o_proj),
-// then the clip search (max_shrink 0.5, 512 sampled tokens, q/k skipped). The result is the scaled
-// and clipped fp32 weights, which write_hf_awq quantizes (RTN on them = AWQ's final quantization).
-// The reference for the GPU path to come; small models and tests run it directly.
+// The AWQ search (llm-awq's algorithm, ../shared/specs/awq.md §0-§4): layer by layer over
+// calibration blocks, activations always from the unquantized model; per layer the four Llama
+// scale groups (grid of 20, the GQA rule for o_proj), then the clip search (max_shrink 0.5, 512
+// sampled tokens, q/k skipped), the quantizer in fp16 steps. The result is the scaled and clipped
+// fp32 weights, which write_hf_awq quantizes (RTN on them = AWQ's final quantization).
+// Two implementations make their choices by the same rules (awq_layer.h): the CPU one in Eigen
+// fp32 (tests, small models, the reference) and the GPU one (awq_search_cuda.cc: fp16 GEMM inputs
+// with fp32 accumulation, as the reference tools run the model, one layer on the device at a time).
 #pragma once
 #include <functional>
 #include <map>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "file_io.h"
+#include "int4.h"
 
 namespace tmkit {
 
@@ -30,13 +33,17 @@ struct AwqLayerReport {
   std::vector<double> ratio, loss_ratio0, loss_best;
   double clip_mean_ratio = 1.0;  // mean of max_val / org_max over the clipped groups
   double seconds = 0;
+  std::vector<std::pair<std::string, double>> phases;  // GPU search: seconds per step (load, forward, ...)
 };
 
 struct AwqResult {
-  // The weights that change (decoder linears, norms, and the v/up biases under o/down scaling),
-  // by HF tensor name, in the HF shape, row-major fp32.
+  // The weights that change (decoder linears, norms, and the v bias under o scaling), by HF tensor
+  // name, in the HF shape, row-major fp32. The GPU search quantizes and packs the linears itself
+  // (the same quantizer, bit for bit): they come in `packed` instead, by HF weight name.
   std::map<std::string, std::vector<float>> tensors;
+  std::map<std::string, AwqPackedLinear> packed;
   std::vector<AwqLayerReport> layers;
+  size_t peak_device_bytes = 0;  // GPU search: device memory in use at its fullest (all processes)
 };
 
 using AwqProgress = std::function<void(const AwqLayerReport&, int64_t layers)>;
@@ -45,5 +52,8 @@ using AwqProgress = std::function<void(const AwqLayerReport&, int64_t layers)>;
 // tensor and layer.
 AwqResult awq_search_cpu(const fs::path& hf_dir, const std::vector<int32_t>& tokens, int64_t blocks, int64_t seqlen,
                          const AwqOptions& opt, const AwqProgress& progress = {});
+// The same on the GPU; fails with one line in a build without CUDA or when the device lacks memory.
+AwqResult awq_search_cuda(const fs::path& hf_dir, const std::vector<int32_t>& tokens, int64_t blocks, int64_t seqlen,
+                          const AwqOptions& opt, const AwqProgress& progress = {});
 
 }  // namespace tmkit

@@ -47,7 +47,8 @@ std::vector<float> read_floats(const TensorView& v) {
 }  // namespace
 
 HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
-                         const std::map<std::string, std::vector<float>>* replaced, uint64_t max_shard_bytes) {
+                         const std::map<std::string, std::vector<float>>* replaced,
+                         const std::map<std::string, AwqPackedLinear>* packed, uint64_t max_shard_bytes) {
   const auto t0 = std::chrono::steady_clock::now();
   check_not_inside(dst, src, "--work-dir");
   const HfConfig hf = load_hf_config(src);
@@ -105,6 +106,11 @@ HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group
     }
     return read_floats(v);
   };
+  auto find_packed = [&](const std::string& name) -> const AwqPackedLinear* {
+    if (!packed) return nullptr;
+    const auto it = packed->find(name);
+    return it == packed->end() ? nullptr : &it->second;
+  };
   auto fill = [&](size_t index, uint8_t* out) {
     check_interrupted();
     const Out& o = outs[order[index]];
@@ -116,6 +122,17 @@ HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group
         h[i] = float_to_half(f[i]);
         if (half_is_inf(h[i]) && std::isfinite(f[i])) fail("{}: tensor '{}' exceeds the float16 range", v.file, o.source);
       }
+      return;
+    }
+    if (const AwqPackedLinear* pk = find_packed(o.source)) {
+      const AwqPackedLinear& p = *pk;
+      const int64_t N = v.info->shape[0], K = v.info->shape[1];
+      if (p.K != K || p.N != N || p.group != group || p.qweight.size() != size_t(K * N / 8) ||
+          p.qzeros.size() != size_t(K / group * N / 8) || p.scales.size() != size_t(K / group * N))
+        fail("awq: the packed linear for '{}' does not match its [{}, {}] shape and group {}", o.source, N, K, group);
+      if (o.part == 0) std::memcpy(out, p.qweight.data(), p.qweight.size() * 4);
+      else if (o.part == 1) std::memcpy(out, p.qzeros.data(), p.qzeros.size() * 4);
+      else std::memcpy(out, p.scales.data(), p.scales.size() * 2);
       return;
     }
     if (cached_source != o.source) {

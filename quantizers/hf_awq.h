@@ -33,9 +33,11 @@ struct HfAwqReport {
 // rtn.h, in fp16 as the reference tools) and writes the AutoAWQ GEMM checkpoint to `dst`
 // (atomically), shards of at most `max_shard_bytes`, tokenizer and generation files copied.
 // `replaced`: tensors to take instead of the checkpoint's (by HF name, HF shape, fp32), e.g. the
-// AWQ search's scaled and clipped weights and norms; without it this is plain RTN.
+// AWQ search's scaled and clipped weights and norms; `packed`: linears already quantized (by the
+// HF weight name), written as they are. Without either this is plain RTN.
 HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
                          const std::map<std::string, std::vector<float>>* replaced = nullptr,
+                         const std::map<std::string, AwqPackedLinear>* packed = nullptr,
                          uint64_t max_shard_bytes = 5'000'000'000ull);
 inline HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force) {
   return write_hf_awq(src, dst, group, force);

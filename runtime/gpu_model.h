@@ -24,6 +24,10 @@ void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int
 size_t gpu_kv_cache_roundtrip(const std::vector<float>& qkv, int T, int H, int KV, int D, KvMode mode,
                               std::vector<float>* k, std::vector<float>* v);
 
+// Starts the CUDA context on a background thread, so that its setup (a few hundred ms) overlaps
+// the caller's file reading; CUDA calls made meanwhile wait for it. Does nothing without CUDA.
+void gpu_start_context();
+
 class GpuModel {
  public:
   static bool available();  // this build has CUDA and a device is present

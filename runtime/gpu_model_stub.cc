@@ -7,6 +7,7 @@ namespace tmkit {
 struct GpuModel::Impl {};
 
 bool GpuModel::available() { return false; }
+void gpu_start_context() {}
 void gpu_kv_fake_quant(std::vector<float>&, int, int, int, int, int) { fail("no CUDA"); }
 size_t gpu_kv_cache_roundtrip(const std::vector<float>&, int, int, int, int, KvMode, std::vector<float>*,
                               std::vector<float>*) {

@@ -133,6 +133,40 @@ std::map<std::string, std::string> weight_files(const fs::path& ws) {
 
 }  // namespace
 
+// awq-quantize --format turbomind goes through a temporary hf-awq checkpoint: the workspace still
+// records the model's own name, reruns are byte-identical, and --tp writes the ranks hf2tm would.
+TEST(HfAwq, TurbomindFormatNamesTheModelAndSplitsForTp) {
+  test::TempDir tmp;
+  const fs::path src = test::model_dir("tiny-qwen2");
+  const std::string cmd = test::tool("awq-quantize") + " " + test::q(src) + " --method rtn --format turbomind -q";
+  ASSERT_EQ(test::run(cmd + " --work-dir " + test::q(tmp / "a")).code, 0);
+  ASSERT_EQ(test::run(cmd + " --work-dir " + test::q(tmp / "b")).code, 0);
+  const std::string yaml = test::slurp(tmp / "a" / "triton_models" / "weights" / "config.yaml");
+  EXPECT_NE(yaml.find("model_name: tiny-qwen2\n"), std::string::npos) << yaml;
+  EXPECT_TRUE(test::run("diff -r " + test::q(tmp / "a") + " " + test::q(tmp / "b")).code == 0) << "reruns differ";
+  // tiny-qwen2's o_proj has 128 input channels: 64 per rank at tp 2 cut its int4 groups.
+  const auto cut = test::run(cmd + " --tp 2 --work-dir " + test::q(tmp / "cut"));
+  EXPECT_NE(cut.err.find("model.layers.*.self_attn.o_proj.weight has 128 input channels, 64 per rank"), std::string::npos)
+      << cut.err;
+  EXPECT_NE(cut.err.find(src.string()), std::string::npos) << cut.err;
+  const auto hf_tp = test::run(test::tool("awq-quantize") + " " + test::q(src) + " --method rtn --tp 2 --work-dir " +
+                               test::q(tmp / "hf-tp"));
+  EXPECT_NE(hf_tp.err.find("--tp 2: only --format turbomind"), std::string::npos) << hf_tp.err;
+  EXPECT_FALSE(fs::exists(tmp / "cut") || fs::exists(tmp / "hf-tp"));
+  // small-llama splits: the ranks are hf2tm --tp 2's of the hf-awq checkpoint.
+  const fs::path sl = test::model_dir("small-llama");
+  ASSERT_EQ(test::run(test::tool("awq-quantize") + " " + test::q(sl) + " --method rtn --format turbomind -q --tp 2 --work-dir " +
+                      test::q(tmp / "tp2")).code, 0);
+  fs::create_directories(tmp / "hf");  // the model's own folder name: config.yaml records it
+  write_hf_awq_rtn(sl, tmp / "hf" / "small-llama", 128, false);
+  Hf2TmOptions o;
+  o.src = tmp / "hf" / "small-llama";
+  o.dst = tmp / "tp2-ref";
+  o.tp = 2;
+  convert_hf_to_tm(o);
+  EXPECT_TRUE(test::run("diff -r " + test::q(tmp / "tp2") + " " + test::q(tmp / "tp2-ref")).code == 0) << "--tp 2 differs";
+}
+
 // hf2tm reads the hf-awq checkpoint (spec §6) into the same int4 workspace, byte for byte, as
 // awq-quantize --format turbomind writes from the original model: the AWQ order is undone, the q/k
 // rotary permutation, q|k|v merge and splits applied to codes, scales and zeros alike.

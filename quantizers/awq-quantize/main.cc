@@ -5,8 +5,11 @@
 #include "awq_search.h"
 #include "dataset.h"
 #include "error.h"
+#include "gpu_model.h"
 #include "hf2tm.h"
+#include "hf_config.h"
 #include "hf_awq.h"
+#include "perplexity.h"
 #include "progress.h"
 #include "rtn.h"
 #include "tokenizer.h"
@@ -19,7 +22,7 @@ using tmkit::fs::path;
 struct Options {
   path src, work_dir, calib_dataset;
   int w_bits = 4;
-  int64_t group = 128, calib_samples = 128, calib_seqlen = 512;
+  int64_t group = 128, calib_samples = 128, calib_seqlen = 512, tp = 1;
   uint64_t seed = 0;
   std::string method = "awq", format = "hf-awq", sampling = "contiguous", device = "auto";
   tmkit::DatasetOptions dataset;
@@ -36,12 +39,27 @@ void as_workspace(const Options& o, const std::function<void(const path&)>& writ
     h.src = tmp;
     h.dst = o.work_dir;
     h.force = o.force;
+    h.tp = o.tp;
+    h.model_name = tmkit::model_name_of(o.src);  // not the temporary's
     tmkit::convert_hf_to_tm(h);
   } catch (...) {
     tmkit::fs::remove_all(tmp);
     throw;
   }
   tmkit::fs::remove_all(tmp);
+}
+
+// What hf2tm --tp refuses for an int4 model, checked before a search that may take long and named
+// after the source (hf2tm itself would see only the temporary hf-awq checkpoint).
+void check_tp_split(const path& src, int64_t tp, int64_t group) {
+  const tmkit::HfConfig hf = tmkit::load_hf_config(src);
+  const std::string where = (src / "config.json").string();
+  if (hf.heads % tp || hf.kv_heads % tp)
+    tmkit::fail("--tp {}: {} has {} attention heads and {} kv heads; both must divide by it", tp, where, hf.heads, hf.kv_heads);
+  for (auto [in, name] : {std::pair{hf.heads * hf.head_dim, "self_attn.o_proj"}, {hf.inter, "mlp.down_proj"}})
+    if (in % (tp * group))
+      tmkit::fail("--tp {}: {}: model.layers.*.{}.weight has {} input channels, {} per rank, not a multiple of the "
+                  "group size {}", tp, where, name, in, double(in) / double(tp), group);
 }
 
 }  // namespace
@@ -72,8 +90,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-search-scale", o.no_search_scale, "skip the scale search (clip only)");
   app.add_flag("--no-clip", o.no_clip, "skip the clip search");
   app.add_flag("--duo-scaling", o.awq.duo_scaling, "AutoAWQ's variant: weight statistic in the scale candidates");
-  app.add_option("--device", o.device, "auto, cpu (Eigen) or cuda; this build searches on the CPU")
+  app.add_option("--device", o.device, "where the AWQ search runs: cuda, cpu (Eigen; same rules, fp32) or auto (cuda when a GPU exists)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--tp", o.tp, "tensor-parallel ranks of the --format turbomind workspace")->check(CLI::Range(1, 64));
   app.add_flag("--force", o.force, "replace an existing --work-dir");
   app.add_flag("--json", o.json, "print a JSON report on stdout");
   app.add_flag("-q,--quiet", o.quiet, "no progress on stderr");
@@ -88,6 +107,8 @@ int main(int argc, char** argv) {
                              {"format", o.format},       {"w_bits", o.w_bits},              {"group_size", o.group}};
     if (o.format == "turbomind" && o.group != 128)  // before a search that may take long
       tmkit::fail("--w-group-size {}: TurboMind int4 workspaces take group 128 only", o.group);
+    if (o.tp != 1 && o.format != "turbomind") tmkit::fail("--tp {}: only --format turbomind writes tensor-parallel ranks", o.tp);
+    if (o.tp != 1 && !workspace_input) check_tp_split(o.src, o.tp, o.group);
     if (workspace_input && (o.method != "rtn" || o.format != "turbomind"))
       tmkit::fail("{}: a TurboMind workspace takes --method rtn --format turbomind only; give the HF model folder",
                   o.src.string());
@@ -95,42 +116,56 @@ int main(int argc, char** argv) {
       if (o.format == "hf-awq") {
         report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force).linears;
       } else if (workspace_input) {
+        if (o.tp != 1) tmkit::fail("--tp {}: a workspace input keeps its ranks; give the HF model folder", o.tp);
         report["linears"] = tmkit::quantize_workspace_rtn(o.src, o.work_dir, o.group, o.force).linears;
       } else {
         as_workspace(o, [&](const path& tmp) { report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false).linears; });
       }
     } else {
-      if (o.device == "cuda") tmkit::fail("--device cuda: the GPU search is not in this build yet; use --device cpu");
+      const bool cuda = o.device == "cuda" || (o.device == "auto" && tmkit::GpuModel::available());
+      if (cuda) tmkit::gpu_start_context();  // overlaps the tokenization below
       if (o.calib_dataset.empty()) tmkit::fail("--method awq needs --calib-dataset (text or .i32 token ids)");
       if (tmkit::fs::exists(o.work_dir) && !o.force)  // before the search, not after it
         tmkit::fail("--work-dir {}: exists (use --force to replace it)", o.work_dir.string());
       tmkit::check_not_inside(o.work_dir, o.src, "--work-dir");
       tmkit::Sampling sampling{};
       tmkit::parse_sampling(o.sampling, &sampling);
-      const auto tok = tmkit::load_tokenizer(o.src);
-      const auto blocks = tmkit::sample_blocks(tmkit::dataset_tokens(o.calib_dataset, *tok, o.dataset),
+      // Token ids (.i32) need no tokenizer (synthetic checkpoints have none); text goes through the model's.
+      const auto ids = o.calib_dataset.extension() == ".i32"
+                           ? tmkit::read_tokens(o.calib_dataset, tmkit::load_hf_config(o.src).vocab)
+                           : tmkit::dataset_tokens(o.calib_dataset, *tmkit::load_tokenizer(o.src), o.dataset);
+      const auto blocks = tmkit::sample_blocks(ids,
                                                {o.calib_samples, o.calib_seqlen, sampling, o.seed});
       o.awq.group = o.group;
       o.awq.search_scale = !o.no_search_scale;
       o.awq.clip = !o.no_clip;
-      const tmkit::AwqResult r = tmkit::awq_search_cpu(
-          o.src, blocks, o.calib_samples, o.calib_seqlen, o.awq, [&](const tmkit::AwqLayerReport& l, int64_t n) {
-            progress.update(l.layer + 1, n, double(l.layer + 1), double(n), fmt::format("layer {}", l.layer));
-          });
+      const auto on_layer = [&](const tmkit::AwqLayerReport& l, int64_t n) {
+        progress.update(l.layer + 1, n, double(l.layer + 1), double(n), fmt::format("layer {}", l.layer));
+      };
+      const tmkit::AwqResult r = cuda ? tmkit::awq_search_cuda(o.src, blocks, o.calib_samples, o.calib_seqlen, o.awq, on_layer)
+                                      : tmkit::awq_search_cpu(o.src, blocks, o.calib_samples, o.calib_seqlen, o.awq, on_layer);
       progress.finish();
       nlohmann::json layers = nlohmann::json::array();
-      for (const auto& l : r.layers)
+      for (const auto& l : r.layers) {
         layers.push_back({{"layer", l.layer}, {"ratio", l.ratio}, {"loss_ratio0", l.loss_ratio0}, {"loss", l.loss_best},
                           {"clip_mean_ratio", l.clip_mean_ratio}, {"seconds", l.seconds}});
+        if (!l.phases.empty()) {
+          nlohmann::json phases = nlohmann::json::object();
+          for (const auto& [name, seconds] : l.phases) phases[name] = seconds;
+          layers.back()["phases"] = phases;
+        }
+      }
       report["layers"] = layers;
       report["calibration"] = {{"dataset", o.calib_dataset.string()}, {"samples", o.calib_samples},
                                {"seqlen", o.calib_seqlen}, {"sampling", o.sampling}, {"seed", o.seed}};
-      report["device"] = "cpu";
+      report["device"] = cuda ? "cuda" : "cpu";
+      if (cuda) report["peak_device_bytes"] = r.peak_device_bytes;
+      report["search_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (o.format == "hf-awq") {
-        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors).linears;
+        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors, &r.packed).linears;
       } else {
         as_workspace(o, [&](const path& tmp) {
-          report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false, &r.tensors).linears;
+          report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false, &r.tensors, &r.packed).linears;
         });
       }
     }
