@@ -42,10 +42,14 @@ AwqShape awq_shape(const fs::path& hf_dir, size_t tokens, int64_t blocks, int64_
   c.blocks = blocks;
   c.seqlen = seqlen;
   c.T = blocks * seqlen;
-  for (auto [k, name] : {std::pair{c.hid, "q_proj"}, {c.H * c.D, "o_proj"}, {c.I, "down_proj"}})
-    if (k % opt.group)
-      fail("{}: model.layers.*.{}.weight has {} input channels, not a multiple of the group size {}", hf_dir.string(),
-           name, k, opt.group);
+  for (auto [k, name, quant] : {std::tuple{c.hid, "self_attn.q_proj", &c.quant_hidden}, {c.H * c.D, "self_attn.o_proj", &c.quant_o},
+                                {c.I, "mlp.down_proj", &c.quant_down}}) {
+    *quant = k % opt.group == 0;
+    if (!*quant && !opt.skip_indivisible)
+      fail("{}: model.layers.*.{}.weight has {} input channels, not a multiple of the group size {} "
+           "(--skip-indivisible keeps such linears fp16)", hf_dir.string(), name, k, opt.group);
+  }
+  c.mha = c.KV * c.D == c.hid && c.H * c.D == c.hid;
   c.scale = 1.0f / std::sqrt(float(c.D));
   c.rope = rope_table(hf.rope, c.D, hf.max_position_embeddings, seqlen);
   c.eps = hf.norm_eps;

@@ -20,6 +20,14 @@ struct AwqShape {
   float scale = 1.0f;  // attention score scale
   RopeTable rope;
   double eps = 1e-6;
+  // Which input widths split into quantization groups (all, unless --skip-indivisible kept some
+  // linears fp16): the hidden size (q, k, v, gate, up), o_proj's, down_proj's.
+  bool quant_hidden = true, quant_o = true, quant_down = true;
+  bool mha = false;  // v_proj's output matches o_proj's input and output: o_proj gets a scale (§2)
+  // The scale groups searched (0 q/k/v, 1 o, 2 gate/up, 3 down): those whose scaled linears are quantized.
+  bool searches(int group) const {
+    return group == 1 ? mha && quant_o : group == 3 ? quant_down : quant_hidden;
+  }
 };
 
 // The config checks of a search (architecture, group divisibility naming the tensor, token count).

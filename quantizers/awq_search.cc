@@ -158,41 +158,52 @@ AwqResult awq_search_cpu(const fs::path& hf_dir, const std::vector<int32_t>& tok
     rep.layer = i;
     if (opt.search_scale) {
       // §2's groups, all searched on the original weights, then applied together.
-      const AwqScaleChoice s1 = search_scale(xa, {&w.q, &w.k, &w.v}, attn_out, [&](const std::vector<Mat>& q) {
-        return linear(attention_core(xa, q[0], q[1], q[2], w, c), w.o, w.bo);
-      }, opt, i, "q/k/v");
-      AwqScaleChoice s2;  // o_proj only when v_proj's output matches o_proj's input and output (MHA)
-      const bool mha = w.v.rows() == w.o.rows() && w.v.cols() == w.o.cols();
-      if (mha) s2 = search_scale(o_in, {&w.o}, attn_out, [&](const std::vector<Mat>& q) { return linear(o_in, q[0], w.bo); },
-                                 opt, i, "o_proj");
-      const AwqScaleChoice s3 = search_scale(xm, {&w.gate, &w.up}, mlp_out, [&](const std::vector<Mat>& q) {
-        return Mat(mlp_act(xm, q[0], q[1]) * w.down.transpose());
-      }, opt, i, "gate/up");
-      const AwqScaleChoice s4 = search_scale(d_in, {&w.down}, mlp_out, [&](const std::vector<Mat>& q) {
-        return Mat(d_in * q[0].transpose());
-      }, opt, i, "down_proj");
-        awq_report_scales(rep, {&s1, &s2, &s3, &s4});
+      AwqScaleChoice s1, s2, s3, s4;  // ratio -1: not searched
+      if (c.searches(0))
+        s1 = search_scale(xa, {&w.q, &w.k, &w.v}, attn_out, [&](const std::vector<Mat>& q) {
+          return linear(attention_core(xa, q[0], q[1], q[2], w, c), w.o, w.bo);
+        }, opt, i, "q/k/v");
+      if (c.searches(1))
+        s2 = search_scale(o_in, {&w.o}, attn_out, [&](const std::vector<Mat>& q) { return linear(o_in, q[0], w.bo); }, opt,
+                          i, "o_proj");
+      if (c.searches(2))
+        s3 = search_scale(xm, {&w.gate, &w.up}, mlp_out, [&](const std::vector<Mat>& q) {
+          return Mat(mlp_act(xm, q[0], q[1]) * w.down.transpose());
+        }, opt, i, "gate/up");
+      if (c.searches(3))
+        s4 = search_scale(d_in, {&w.down}, mlp_out, [&](const std::vector<Mat>& q) { return Mat(d_in * q[0].transpose()); },
+                          opt, i, "down_proj");
+      awq_report_scales(rep, {&s1, &s2, &s3, &s4});
       const auto unscale_cols = [](Mat& X, const Vec& s) { X.array().rowwise() /= s.transpose().array(); };
-      w.attn_norm.array() /= s1.s.array();
-      for (Mat* W : {&w.q, &w.k, &w.v}) awq_scale_cols(*W, s1.s);
-      unscale_cols(xa, s1.s);
-      if (mha) {
+      if (c.searches(0)) {
+        w.attn_norm.array() /= s1.s.array();
+        for (Mat* W : {&w.q, &w.k, &w.v}) awq_scale_cols(*W, s1.s);
+        unscale_cols(xa, s1.s);
+      }
+      if (c.searches(1)) {
         awq_unscale_rows(w.v, s2.s);
         if (w.bv.size()) w.bv.array() /= s2.s.array();
         awq_scale_cols(w.o, s2.s);
         unscale_cols(o_in, s2.s);
       }
-      w.ffn_norm.array() /= s3.s.array();
-      for (Mat* W : {&w.gate, &w.up}) awq_scale_cols(*W, s3.s);
-      unscale_cols(xm, s3.s);
-      awq_unscale_rows(w.up, s4.s);
-      awq_scale_cols(w.down, s4.s);
-      unscale_cols(d_in, s4.s);
+      if (c.searches(2)) {
+        w.ffn_norm.array() /= s3.s.array();
+        for (Mat* W : {&w.gate, &w.up}) awq_scale_cols(*W, s3.s);
+        unscale_cols(xm, s3.s);
+      }
+      if (c.searches(3)) {
+        awq_unscale_rows(w.up, s4.s);
+        awq_scale_cols(w.down, s4.s);
+        unscale_cols(d_in, s4.s);
+      }
     }
     if (opt.clip) {  // q and k are skipped (their error is amplified by the q k^T product)
       double sum = 0;
       int64_t n = 0;
-      for (auto [W, in] : {std::pair{&w.v, &xa}, {&w.o, &o_in}, {&w.gate, &xm}, {&w.up, &xm}, {&w.down, &d_in}}) {
+      for (auto [W, in, quant] : {std::tuple{&w.v, &xa, c.quant_hidden}, {&w.o, &o_in, c.quant_o},
+                                  {&w.gate, &xm, c.quant_hidden}, {&w.up, &xm, c.quant_hidden},
+                                  {&w.down, &d_in, c.quant_down}}) {
+        if (!quant) continue;
         const auto [s, k] = clip(*W, *in, opt);
         sum += s;
         n += k;

@@ -24,6 +24,9 @@ struct AwqOptions {
   int n_grid = 20;
   int64_t clip_tokens = 512;
   double max_shrink = 0.5;
+  // Linears whose input channels do not split into groups stay fp16 (their groups are not searched)
+  // instead of failing the run.
+  bool skip_indivisible = false;
 };
 
 struct AwqLayerReport {

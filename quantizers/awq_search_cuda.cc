@@ -93,8 +93,8 @@ class GpuSearch {
   void set_input(const Mat& x) { to_device(x_, x.data(), size_t(x.size())); }
 
   // One layer: forward, scale search, clip search; `w`'s norms and v bias come back scaled, its
-  // linears quantized and packed into `packed`.
-  AwqLayerReport run_layer(LayerW& w, int64_t layer, std::map<std::string, AwqPackedLinear>& packed) {
+  // linears quantized and packed into `result` (pack_layer).
+  AwqLayerReport run_layer(LayerW& w, int64_t layer, AwqResult& result) {
     AwqLayerReport rep;
     rep.layer = layer;
     auto t = std::chrono::steady_clock::now();
@@ -114,10 +114,11 @@ class GpuSearch {
       const int64_t v_off = int64_t(H_ + KV_) * D_ * hid_;
       double sum = 0;
       int64_t n = 0;
-      for (auto [W, rows, K, X] : {std::tuple{wqkv_.get() + v_off, KV_ * D_, hid_, xa_.get()},
-                                   {wo_.get(), hid_, HD_, o_in_.get()},
-                                   {wgu_.get(), 2 * I_, hid_, xm_.get()},
-                                   {wd_.get(), hid_, I_, d_in_.get()}}) {
+      for (auto [W, rows, K, X, quant] : {std::tuple{wqkv_.get() + v_off, KV_ * D_, hid_, xa_.get(), c_.quant_hidden},
+                                          {wo_.get(), hid_, HD_, o_in_.get(), c_.quant_o},
+                                          {wgu_.get(), 2 * I_, hid_, xm_.get(), c_.quant_hidden},
+                                          {wd_.get(), hid_, I_, d_in_.get(), c_.quant_down}}) {
+        if (!quant) continue;
         const auto [s, k] = clip(W, rows, K, X);
         sum += s;
         n += k;
@@ -125,7 +126,7 @@ class GpuSearch {
       rep.clip_mean_ratio = n ? sum / double(n) : 1.0;
     }
     phase("clip");
-    pack_layer(layer, packed);
+    pack_layer(layer, result);
     phase("pack");
     size_t free = 0, total = 0;
     TMKIT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
@@ -238,16 +239,28 @@ class GpuSearch {
     return p;
   }
 
-  void pack_layer(int64_t layer, std::map<std::string, AwqPackedLinear>& out) {
+  // The layer's linears: packed when their input channels split into groups, otherwise (kept
+  // fp16 by --skip-indivisible) as fp32 values in the HF layout, scaled like the rest.
+  void pack_layer(int64_t layer, AwqResult& out) {
     const std::string a = fmt::format("model.layers.{}.self_attn.", layer), m = fmt::format("model.layers.{}.mlp.", layer);
     const size_t hid = size_t(hid_);
-    out[a + "q_proj.weight"] = pack(wqkv_.get(), HD_, hid_, true);
-    out[a + "k_proj.weight"] = pack(wqkv_.get() + HD_ * hid, KV_ * D_, hid_, true);
-    out[a + "v_proj.weight"] = pack(wqkv_.get() + (HD_ + KV_ * D_) * hid, KV_ * D_, hid_, false);
-    out[a + "o_proj.weight"] = pack(wo_.get(), hid_, HD_, false);
-    out[m + "gate_proj.weight"] = pack(wgu_.get(), I_, hid_, false);
-    out[m + "up_proj.weight"] = pack(wgu_.get() + size_t(I_) * hid, I_, hid_, false);
-    out[m + "down_proj.weight"] = pack(wd_.get(), hid_, I_, false);
+    const auto emit = [&](const std::string& name, const float* W, int N, int K, bool pairs, bool quant) {
+      if (quant) {
+        out.packed[name] = pack(W, N, K, pairs);
+        return;
+      }
+      Mat values(N, K);
+      from_device(values.data(), W, size_t(values.size()));
+      if (pairs) values = from_pairs(values, D_);
+      out.tensors[name].assign(values.data(), values.data() + values.size());
+    };
+    emit(a + "q_proj.weight", wqkv_.get(), HD_, hid_, true, c_.quant_hidden);
+    emit(a + "k_proj.weight", wqkv_.get() + HD_ * hid, KV_ * D_, hid_, true, c_.quant_hidden);
+    emit(a + "v_proj.weight", wqkv_.get() + (HD_ + KV_ * D_) * hid, KV_ * D_, hid_, false, c_.quant_hidden);
+    emit(a + "o_proj.weight", wo_.get(), hid_, HD_, false, c_.quant_o);
+    emit(m + "gate_proj.weight", wgu_.get(), I_, hid_, false, c_.quant_hidden);
+    emit(m + "up_proj.weight", wgu_.get() + size_t(I_) * hid, I_, hid_, false, c_.quant_hidden);
+    emit(m + "down_proj.weight", wd_.get(), hid_, I_, false, c_.quant_down);
   }
 
   // Y[M, N] (fp32) = X[M, K] W^T, W[N, K] row-major fp16.
@@ -332,32 +345,41 @@ class GpuSearch {
 
   void search_and_apply_scales(LayerW& w, int64_t layer, AwqLayerReport& rep) {
     const int64_t v_off = int64_t(H_ + KV_) * D_ * hid_;
-    const AwqScaleChoice s1 = search_scale(xa_.get(), hid_, wqkv_.get(), qkv_w_, {&w.q, &w.k, &w.v}, Inspect::kAttention,
-                                        attn_out_.get(), layer, "q/k/v");
-    AwqScaleChoice s2;  // o_proj only when v_proj's output matches o_proj's input and output (MHA)
-    const bool mha = w.v.rows() == w.o.rows() && w.v.cols() == w.o.cols();
-    if (mha) s2 = search_scale(o_in_.get(), HD_, wo_.get(), hid_, {&w.o}, Inspect::kOProj, attn_out_.get(), layer, "o_proj");
-    const AwqScaleChoice s3 = search_scale(xm_.get(), hid_, wgu_.get(), 2 * I_, {&w.gate, &w.up}, Inspect::kMlp,
-                                        mlp_out_.get(), layer, "gate/up");
-    const AwqScaleChoice s4 = search_scale(d_in_.get(), I_, wd_.get(), hid_, {&w.down}, Inspect::kDownProj, mlp_out_.get(),
-                                        layer, "down_proj");
+    AwqScaleChoice s1, s2, s3, s4;  // ratio -1: not searched
+    if (c_.searches(0))
+      s1 = search_scale(xa_.get(), hid_, wqkv_.get(), qkv_w_, {&w.q, &w.k, &w.v}, Inspect::kAttention, attn_out_.get(),
+                        layer, "q/k/v");
+    if (c_.searches(1))
+      s2 = search_scale(o_in_.get(), HD_, wo_.get(), hid_, {&w.o}, Inspect::kOProj, attn_out_.get(), layer, "o_proj");
+    if (c_.searches(2))
+      s3 = search_scale(xm_.get(), hid_, wgu_.get(), 2 * I_, {&w.gate, &w.up}, Inspect::kMlp, mlp_out_.get(), layer,
+                        "gate/up");
+    if (c_.searches(3))
+      s4 = search_scale(d_in_.get(), I_, wd_.get(), hid_, {&w.down}, Inspect::kDownProj, mlp_out_.get(), layer,
+                        "down_proj");
     awq_report_scales(rep, {&s1, &s2, &s3, &s4});
     // Applied as the CPU search does (the function is unchanged in exact arithmetic).
-    w.attn_norm.array() /= s1.s.array();
-    cuda::awq_scale_cols(wqkv_.get(), qkv_w_, hid_, upload_scale(s1.s), stream_);
-    cuda::awq_unscale_cols(xa_.get(), T_, hid_, s_.get(), stream_);
-    if (mha) {
+    if (c_.searches(0)) {
+      w.attn_norm.array() /= s1.s.array();
+      cuda::awq_scale_cols(wqkv_.get(), qkv_w_, hid_, upload_scale(s1.s), stream_);
+      cuda::awq_unscale_cols(xa_.get(), T_, hid_, s_.get(), stream_);
+    }
+    if (c_.searches(1)) {
       if (w.bv.size()) w.bv.array() /= s2.s.array();
       cuda::awq_unscale_rows(wqkv_.get() + v_off, KV_ * D_, hid_, upload_scale(s2.s), stream_);
       cuda::awq_scale_cols(wo_.get(), hid_, HD_, s_.get(), stream_);
       cuda::awq_unscale_cols(o_in_.get(), T_, HD_, s_.get(), stream_);
     }
-    w.ffn_norm.array() /= s3.s.array();
-    cuda::awq_scale_cols(wgu_.get(), 2 * I_, hid_, upload_scale(s3.s), stream_);
-    cuda::awq_unscale_cols(xm_.get(), T_, hid_, s_.get(), stream_);
-    cuda::awq_unscale_rows(wgu_.get() + size_t(I_) * hid_, I_, hid_, upload_scale(s4.s), stream_);
-    cuda::awq_scale_cols(wd_.get(), hid_, I_, s_.get(), stream_);
-    cuda::awq_unscale_cols(d_in_.get(), T_, I_, s_.get(), stream_);
+    if (c_.searches(2)) {
+      w.ffn_norm.array() /= s3.s.array();
+      cuda::awq_scale_cols(wgu_.get(), 2 * I_, hid_, upload_scale(s3.s), stream_);
+      cuda::awq_unscale_cols(xm_.get(), T_, hid_, s_.get(), stream_);
+    }
+    if (c_.searches(3)) {
+      cuda::awq_unscale_rows(wgu_.get() + size_t(I_) * hid_, I_, hid_, upload_scale(s4.s), stream_);
+      cuda::awq_scale_cols(wd_.get(), hid_, I_, s_.get(), stream_);
+      cuda::awq_unscale_cols(d_in_.get(), T_, I_, s_.get(), stream_);
+    }
   }
 
   // §3 on W [rows, K] (fp32 master, clamped in place) with inputs X [T, K]. Returns the sum of
@@ -402,7 +424,7 @@ AwqResult awq_search_cuda(const fs::path& hf_dir, const std::vector<int32_t>& to
     const auto t0 = std::chrono::steady_clock::now();
     LayerW w = next.get();
     if (i + 1 < c.hf.layers) next = std::async(std::launch::async, [&, i] { return awq_read_layer(ck, c, i + 1); });
-    AwqLayerReport rep = gpu.run_layer(w, i, result.packed);
+    AwqLayerReport rep = gpu.run_layer(w, i, result);
     awq_store_layer(result, w, i, false);
     rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     result.layers.push_back(rep);

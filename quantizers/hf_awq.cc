@@ -48,7 +48,8 @@ std::vector<float> read_floats(const TensorView& v) {
 
 HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
                          const std::map<std::string, std::vector<float>>* replaced,
-                         const std::map<std::string, AwqPackedLinear>* packed, uint64_t max_shard_bytes) {
+                         const std::map<std::string, AwqPackedLinear>* packed, bool skip_indivisible,
+                         uint64_t max_shard_bytes) {
   const auto t0 = std::chrono::steady_clock::now();
   check_not_inside(dst, src, "--work-dir");
   const HfConfig hf = load_hf_config(src);
@@ -78,7 +79,16 @@ HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group
     }
     const int64_t N = v.info->shape.at(0), K = v.info->shape.at(1);
     const std::string base = name.substr(0, name.size() - std::string("weight").size());
-    if (K % group) fail("{}: '{}' has {} input channels, not a multiple of the group size {}", v.file, name, K, group);
+    if (K % group && skip_indivisible) {  // kept fp16, by its module's name (e.g. "down_proj")
+      const std::string module = base.substr(0, base.size() - 1);  // "model.layers.0.mlp.down_proj"
+      rep.not_converted.push_back(module.substr(module.rfind('.') + 1));
+      specs.push_back({name, DType::F16, v.info->shape});
+      outs.push_back({name, -1});
+      continue;
+    }
+    if (K % group)
+      fail("{}: '{}' has {} input channels, not a multiple of the group size {} (--skip-indivisible keeps it fp16)", v.file,
+           name, K, group);
     if (N % 8) fail("{}: '{}' has {} output channels, not a multiple of 8", v.file, name, N);
     specs.push_back({base + "qweight", DType::I32, {K, N / 8}});
     specs.push_back({base + "qzeros", DType::I32, {K / group, N / 8}});
@@ -165,7 +175,10 @@ HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group
   std::ifstream in(src / "config.json");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   nlohmann::json config = parse_json(text, 64, (src / "config.json").string());
-  config["quantization_config"] = {{"bits", 4},           {"group_size", group}, {"modules_to_not_convert", nullptr},
+  std::sort(rep.not_converted.begin(), rep.not_converted.end());
+  rep.not_converted.erase(std::unique(rep.not_converted.begin(), rep.not_converted.end()), rep.not_converted.end());
+  const nlohmann::json not_converted = rep.not_converted.empty() ? nlohmann::json(nullptr) : nlohmann::json(rep.not_converted);
+  config["quantization_config"] = {{"bits", 4},           {"group_size", group}, {"modules_to_not_convert", not_converted},
                                    {"quant_method", "awq"}, {"version", "gemm"},  {"zero_point", true}};
   if (config.contains("torch_dtype")) config["torch_dtype"] = "float16";
   if (config.contains("dtype")) config["dtype"] = "float16";

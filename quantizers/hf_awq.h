@@ -24,7 +24,8 @@ std::vector<uint8_t> int4_codes(const Int4Linear& q);
 std::vector<uint8_t> int4_zero_codes(const Int4Linear& q);
 
 struct HfAwqReport {
-  int64_t linears = 0;
+  int64_t linears = 0;                      // quantized
+  std::vector<std::string> not_converted;   // module names kept fp16 (--skip-indivisible)
   std::vector<std::string> files;  // weight files written
   double seconds = 0;
 };
@@ -35,9 +36,11 @@ struct HfAwqReport {
 // `replaced`: tensors to take instead of the checkpoint's (by HF name, HF shape, fp32), e.g. the
 // AWQ search's scaled and clipped weights and norms; `packed`: linears already quantized (by the
 // HF weight name), written as they are. Without either this is plain RTN.
+// `skip_indivisible`: a linear whose input channels do not split into groups stays fp16 (listed
+// in quantization_config.modules_to_not_convert) instead of failing.
 HfAwqReport write_hf_awq(const fs::path& src, const fs::path& dst, int64_t group, bool force,
                          const std::map<std::string, std::vector<float>>* replaced = nullptr,
-                         const std::map<std::string, AwqPackedLinear>* packed = nullptr,
+                         const std::map<std::string, AwqPackedLinear>* packed = nullptr, bool skip_indivisible = false,
                          uint64_t max_shard_bytes = 5'000'000'000ull);
 inline HfAwqReport write_hf_awq_rtn(const fs::path& src, const fs::path& dst, int64_t group, bool force) {
   return write_hf_awq(src, dst, group, force);

@@ -172,6 +172,33 @@ TEST_F(AwqGpu, ChoosesAsTheCpuSearchBeatsRtnAndRerunsIdentically) {
   }
 }
 
+// --skip-indivisible on the GPU: the intermediate size 200 does not split into groups of 128, so
+// down_proj comes back unquantized and untouched (fp32 values of the checkpoint), every other linear packed.
+TEST_F(AwqGpu, SkipIndivisibleKeepsThoseLinearsUnquantized) {
+  test::TempDir tmp;
+  const fs::path src = tmp / "synth";
+  ASSERT_EQ(test::run(test::tool("hf-synth") + " --out " + test::q(src) +
+                      " --hidden 128 --layers 2 --heads 2 --inter 200 --vocab 256 --dtype float16").code, 0);
+  std::vector<int32_t> ids(4 * 64);
+  SplitMix64 rng{5};
+  for (int32_t& id : ids) id = int32_t(rng.below(256));
+  AwqOptions opt;
+  opt.skip_indivisible = true;
+  const AwqResult r = awq_search_cuda(src, ids, 4, 64, opt);
+  const Checkpoint ck(src);
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string down = fmt::format("model.layers.{}.mlp.down_proj.weight", layer);
+    EXPECT_FALSE(r.packed.count(down));
+    EXPECT_TRUE(r.packed.count(fmt::format("model.layers.{}.mlp.up_proj.weight", layer)));
+    ASSERT_TRUE(r.tensors.count(down));
+    const TensorView v = ck.get(down);
+    for (int64_t i = 0; i < v.info->numel(); ++i)
+      ASSERT_EQ(r.tensors.at(down)[size_t(i)], load_float(v.data, v.dtype(), size_t(i))) << down << " changed at " << i;
+    EXPECT_EQ(r.layers[size_t(layer)].ratio[3], -1.0);
+  }
+  EXPECT_EQ(r.packed.size(), 12u);
+}
+
 // Activations that overflow the fp16 the search runs in fail naming the layer (the weights are
 // finite: an input norm of 1e6 makes the normed activations infinite in fp16).
 TEST_F(AwqGpu, NonFiniteActivationsNameTheLayer) {

@@ -285,6 +285,50 @@ TEST(Awq, SearchBeatsRtnAndRerunsIdentically) {
   }
 }
 
+// --skip-indivisible: a synthetic Llama (MHA, hidden 128) whose intermediate size 200 does not
+// split into groups of 128 keeps down_proj fp16, untouched (its scale group is not searched, it is
+// not clipped), listed in modules_to_not_convert; without the flag, and as a TurboMind workspace
+// (which holds no fp16 linears), the run fails naming the tensor before any search.
+TEST(Awq, SkipIndivisibleKeepsThoseLinearsFp16) {
+  test::TempDir tmp;
+  const fs::path src = tmp / "synth";
+  ASSERT_EQ(test::run(test::tool("hf-synth") + " --out " + test::q(src) +
+                      " --hidden 128 --layers 2 --heads 2 --inter 200 --vocab 256 --dtype float16").code, 0);
+  std::vector<int32_t> ids(4 * 64);
+  SplitMix64 rng{5};
+  for (int32_t& id : ids) id = int32_t(rng.below(256));
+  write_file(tmp / "calib.i32", ids.data(), ids.size() * 4);
+  const std::string cmd = test::tool("awq-quantize") + " " + test::q(src) + " --calib-dataset " + test::q(tmp / "calib.i32") +
+                          " --calib-samples 4 --calib-seqlen 64 --device cpu -q";
+  const auto refused = test::run(cmd + " --work-dir " + test::q(tmp / "refused"));
+  EXPECT_NE(refused.err.find("model.layers.*.mlp.down_proj.weight has 200 input channels"), std::string::npos) << refused.err;
+  EXPECT_NE(refused.err.find("--skip-indivisible"), std::string::npos) << refused.err;
+  const auto tm = test::run(cmd + " --skip-indivisible --format turbomind --work-dir " + test::q(tmp / "tm"));
+  EXPECT_NE(tm.err.find("mlp.down_proj.weight has 200 input channels"), std::string::npos) << tm.err;
+  EXPECT_NE(tm.err.find("--format hf-awq"), std::string::npos) << tm.err;
+  EXPECT_FALSE(fs::exists(tmp / "refused") || fs::exists(tmp / "tm"));
+
+  const auto ok = test::run(cmd + " --skip-indivisible --json --work-dir " + test::q(tmp / "out"));
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  const auto report = nlohmann::json::parse(ok.out);
+  EXPECT_EQ(report["not_converted"], nlohmann::json({"down_proj"}));
+  EXPECT_EQ(report["linears"], 12);
+  for (const auto& l : report["layers"]) {
+    EXPECT_EQ(l["ratio"][3], -1.0) << "down_proj's scale group is not searched";
+    EXPECT_GE(l["ratio"][1], 0.0) << "MHA: o_proj's group is";
+  }
+  const auto config = nlohmann::json::parse(test::slurp(tmp / "out" / "config.json"));
+  EXPECT_EQ(config["quantization_config"]["modules_to_not_convert"], nlohmann::json({"down_proj"}));
+  const Checkpoint in(src), out(tmp / "out");
+  EXPECT_FALSE(out.has("model.layers.0.mlp.down_proj.qweight"));
+  EXPECT_TRUE(out.has("model.layers.0.mlp.up_proj.qweight"));
+  for (const std::string name : {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}) {
+    const TensorView a = in.get(name), b = out.get(name);
+    ASSERT_EQ(b.dtype(), DType::F16);
+    EXPECT_EQ(std::memcmp(a.data, b.data, size_t(a.info->numel()) * 2), 0) << name << " changed";
+  }
+}
+
 TEST(Awq, BadInputs) {
   test::TempDir tmp;
   const fs::path src = test::model_dir("tiny-qwen2");

@@ -27,7 +27,7 @@ struct Options {
   std::string method = "awq", format = "hf-awq", sampling = "contiguous", device = "auto";
   tmkit::DatasetOptions dataset;
   tmkit::AwqOptions awq;
-  bool no_search_scale = false, no_clip = false, force = false, json = false, quiet = false;
+  bool no_search_scale = false, no_clip = false, skip_indivisible = false, force = false, json = false, quiet = false;
 };
 
 // Runs `write` into a temporary hf-awq sibling of the output, then hf2tm into the output.
@@ -49,17 +49,24 @@ void as_workspace(const Options& o, const std::function<void(const path&)>& writ
   tmkit::fs::remove_all(tmp);
 }
 
-// What hf2tm --tp refuses for an int4 model, checked before a search that may take long and named
-// after the source (hf2tm itself would see only the temporary hf-awq checkpoint).
-void check_tp_split(const path& src, int64_t tp, int64_t group) {
+// What an int4 TurboMind workspace of `tp` ranks cannot hold (every linear is int4, split into
+// whole groups), checked before a search that may take long and named after the source (hf2tm
+// itself would see only the temporary hf-awq checkpoint).
+void check_turbomind_split(const path& src, int64_t tp, int64_t group) {
   const tmkit::HfConfig hf = tmkit::load_hf_config(src);
   const std::string where = (src / "config.json").string();
   if (hf.heads % tp || hf.kv_heads % tp)
     tmkit::fail("--tp {}: {} has {} attention heads and {} kv heads; both must divide by it", tp, where, hf.heads, hf.kv_heads);
-  for (auto [in, name] : {std::pair{hf.heads * hf.head_dim, "self_attn.o_proj"}, {hf.inter, "mlp.down_proj"}})
-    if (in % (tp * group))
+  for (auto [in, ranks, name] : {std::tuple{hf.hidden, int64_t(1), "self_attn.q_proj"},
+                                 {hf.heads * hf.head_dim, tp, "self_attn.o_proj"}, {hf.inter, tp, "mlp.down_proj"}}) {
+    if (in % (ranks * group) == 0) continue;
+    if (ranks > 1 && in % group == 0)
       tmkit::fail("--tp {}: {}: model.layers.*.{}.weight has {} input channels, {} per rank, not a multiple of the "
                   "group size {}", tp, where, name, in, double(in) / double(tp), group);
+    tmkit::fail("{}: model.layers.*.{}.weight has {} input channels, not a multiple of the group size {}; an int4 "
+                "TurboMind workspace holds no fp16 linears (--format hf-awq --skip-indivisible keeps them fp16)",
+                where, name, in, group);
+  }
 }
 
 }  // namespace
@@ -90,6 +97,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-search-scale", o.no_search_scale, "skip the scale search (clip only)");
   app.add_flag("--no-clip", o.no_clip, "skip the clip search");
   app.add_flag("--duo-scaling", o.awq.duo_scaling, "AutoAWQ's variant: weight statistic in the scale candidates");
+  app.add_flag("--skip-indivisible", o.skip_indivisible,
+               "keep linears whose input channels do not split into groups in fp16 (listed in\n"
+               "quantization_config.modules_to_not_convert) instead of failing; --format hf-awq only");
   app.add_option("--device", o.device, "where the AWQ search runs: cuda, cpu (Eigen; same rules, fp32) or auto (cuda when a GPU exists)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--tp", o.tp, "tensor-parallel ranks of the --format turbomind workspace")->check(CLI::Range(1, 64));
@@ -108,13 +118,15 @@ int main(int argc, char** argv) {
     if (o.format == "turbomind" && o.group != 128)  // before a search that may take long
       tmkit::fail("--w-group-size {}: TurboMind int4 workspaces take group 128 only", o.group);
     if (o.tp != 1 && o.format != "turbomind") tmkit::fail("--tp {}: only --format turbomind writes tensor-parallel ranks", o.tp);
-    if (o.tp != 1 && !workspace_input) check_tp_split(o.src, o.tp, o.group);
+    if (o.format == "turbomind" && !workspace_input) check_turbomind_split(o.src, o.tp, o.group);
     if (workspace_input && (o.method != "rtn" || o.format != "turbomind"))
       tmkit::fail("{}: a TurboMind workspace takes --method rtn --format turbomind only; give the HF model folder",
                   o.src.string());
     if (o.method == "rtn") {
       if (o.format == "hf-awq") {
-        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force).linears;
+        const auto w = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, nullptr, nullptr, o.skip_indivisible);
+        report["linears"] = w.linears;
+        report["not_converted"] = w.not_converted;
       } else if (workspace_input) {
         if (o.tp != 1) tmkit::fail("--tp {}: a workspace input keeps its ranks; give the HF model folder", o.tp);
         report["linears"] = tmkit::quantize_workspace_rtn(o.src, o.work_dir, o.group, o.force).linears;
@@ -139,6 +151,7 @@ int main(int argc, char** argv) {
       o.awq.group = o.group;
       o.awq.search_scale = !o.no_search_scale;
       o.awq.clip = !o.no_clip;
+      o.awq.skip_indivisible = o.skip_indivisible;
       const auto on_layer = [&](const tmkit::AwqLayerReport& l, int64_t n) {
         progress.update(l.layer + 1, n, double(l.layer + 1), double(n), fmt::format("layer {}", l.layer));
       };
@@ -162,7 +175,9 @@ int main(int argc, char** argv) {
       if (cuda) report["peak_device_bytes"] = r.peak_device_bytes;
       report["search_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (o.format == "hf-awq") {
-        report["linears"] = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors, &r.packed).linears;
+        const auto w = tmkit::write_hf_awq(o.src, o.work_dir, o.group, o.force, &r.tensors, &r.packed, o.skip_indivisible);
+        report["linears"] = w.linears;
+        report["not_converted"] = w.not_converted;
       } else {
         as_workspace(o, [&](const path& tmp) {
           report["linears"] = tmkit::write_hf_awq(o.src, tmp, o.group, false, &r.tensors, &r.packed).linears;
