@@ -177,11 +177,7 @@ TEST_F(AwqGpu, ChoosesAsTheCpuSearchBeatsRtnAndRerunsIdentically) {
 TEST_F(AwqGpu, SkipIndivisibleKeepsThoseLinearsUnquantized) {
   test::TempDir tmp;
   const fs::path src = tmp / "synth";
-  ASSERT_EQ(test::run(test::tool("hf-synth") + " --out " + test::q(src) +
-                      " --hidden 128 --layers 2 --heads 2 --inter 200 --vocab 256 --dtype float16").code, 0);
-  std::vector<int32_t> ids(4 * 64);
-  SplitMix64 rng{5};
-  for (int32_t& id : ids) id = int32_t(rng.below(256));
+  const std::vector<int32_t> ids = test::indivisible_model(src);
   AwqOptions opt;
   opt.skip_indivisible = true;
   const AwqResult r = awq_search_cuda(src, ids, 4, 64, opt);

@@ -292,11 +292,7 @@ TEST(Awq, SearchBeatsRtnAndRerunsIdentically) {
 TEST(Awq, SkipIndivisibleKeepsThoseLinearsFp16) {
   test::TempDir tmp;
   const fs::path src = tmp / "synth";
-  ASSERT_EQ(test::run(test::tool("hf-synth") + " --out " + test::q(src) +
-                      " --hidden 128 --layers 2 --heads 2 --inter 200 --vocab 256 --dtype float16").code, 0);
-  std::vector<int32_t> ids(4 * 64);
-  SplitMix64 rng{5};
-  for (int32_t& id : ids) id = int32_t(rng.below(256));
+  const std::vector<int32_t> ids = test::indivisible_model(src);
   write_file(tmp / "calib.i32", ids.data(), ids.size() * 4);
   const std::string cmd = test::tool("awq-quantize") + " " + test::q(src) + " --calib-dataset " + test::q(tmp / "calib.i32") +
                           " --calib-samples 4 --calib-seqlen 64 --device cpu -q";

@@ -89,6 +89,18 @@ std::vector<T> read_array(const fs::path& p) {
   return v;
 }
 
+// A synthetic Llama (hf-synth: MHA, hidden 128, 2 layers, vocab 256) whose intermediate size 200
+// does not split into AWQ groups of 128, and 4 x 64 calibration ids for it.
+inline std::vector<int32_t> indivisible_model(const fs::path& dir) {
+  if (run(tool("hf-synth") + " --out " + q(dir) + " --hidden 128 --layers 2 --heads 2 --inter 200 --vocab 256 --dtype float16")
+          .code != 0)
+    throw std::runtime_error("hf-synth failed");
+  std::vector<int32_t> ids(4 * 64);
+  uint64_t x = 5;
+  for (int32_t& id : ids) id = int32_t((x = x * 6364136223846793005ull + 1442695040888963407ull) >> 56);  // < 256
+  return ids;
+}
+
 inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
