@@ -185,9 +185,6 @@ struct Shape {
   int64_t group() const { return std::max<int64_t>(1, c.group_size); }
 };
 
-// lmdeploy 0.6.4 (and hf2tm): inter_pad = ceil(ceil(I / g') / tp) * g' * tp, g' = max(1, group_size).
-int64_t pad_inter(int64_t inter, int64_t group, int64_t tp) { return ((inter + group - 1) / group + tp - 1) / tp * group * tp; }
-
 // A linear stored [in, out]: one fp file, or int4 qweight [K, N/8] int32 and scales / zeros [K/g, N] fp16.
 void add_linear(std::vector<Tensor>& out, const Shape& s, const std::string& prefix, Axis in, Axis outs) {
   in.name = "input channels";
@@ -298,7 +295,7 @@ std::vector<int64_t> destination_inter(const Shape& s, const fs::path& sw) {
     std::map<std::string, MappedFile> maps;
     int64_t zeros = 0;
     while (zeros < limit && inter_channel_is_zero(s, sw, files, is - 1 - zeros, maps)) ++zeros;
-    out.push_back(pad_inter(is - zeros, g, s.tn));
+    out.push_back(TmConfig::pad_inter(is - zeros, g, s.tn));
   }
   return out;
 }

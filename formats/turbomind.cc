@@ -155,9 +155,7 @@ TmConfig make_tm_config(const HfConfig& hf, int64_t tp, const std::string& weigh
   c.model_format = weight_type == "int4" ? "awq" : "hf";
   c.session_len = hf.max_position_embeddings;
   c.tp = tp;
-  // lmdeploy 0.6.4: inter_pad = ceil(ceil(I/g')/tp) * g' * tp with g' = max(1, group_size).
-  const int64_t g = std::max<int64_t>(1, c.group_size);
-  c.inter_size.assign(size_t(hf.layers), ((hf.inter + g - 1) / g + tp - 1) / tp * g * tp);
+  c.inter_size.assign(size_t(hf.layers), TmConfig::pad_inter(hf.inter, c.group_size, tp));
   c.rotary_embedding = hf.head_dim;
   c.max_position_embeddings = hf.max_position_embeddings;
   const RopeConfig& r = hf.rope;

@@ -34,6 +34,12 @@ struct TmConfig {
   int64_t vocab_padded() const { return pad_to(vocab_size, tp); }
   RopeConfig rope() const;
   static int64_t pad_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+  // lmdeploy 0.6.4's intermediate size for `tp` ranks: ceil(ceil(I / g') / tp) * g' * tp with
+  // g' = max(1, group_size), so every rank holds whole groups (zero padding).
+  static int64_t pad_inter(int64_t inter, int64_t group_size, int64_t tp) {
+    const int64_t g = group_size > 1 ? group_size : 1;
+    return (pad_to(inter, g) / g + tp - 1) / tp * g * tp;
+  }
 };
 
 // The workspace config for `hf` converted at `tp` into `weight_type`; throws naming the

@@ -13,7 +13,6 @@
 // Only one layer's weights and activations live on the device; the host reads the next layer
 // from the mmapped checkpoint meanwhile.
 #include <chrono>
-#include <cstring>
 #include <future>
 
 #include "awq_layer.h"
