@@ -9,6 +9,7 @@
 #include <set>
 
 #include "error.h"
+#include "kv_stats.h"
 #include "turbomind.h"
 
 namespace tmkit {
@@ -339,7 +340,7 @@ KvScale merge_kv_scales(const std::vector<KvScale>& parts, int bits) {
   return out;
 }
 
-std::string kv_file(int64_t layer, int64_t rank) { return rank_file(fmt::format("layers.{}.past_kv_scale", layer), rank, "weight"); }
+std::string kv_file(int64_t layer, int64_t rank) { return past_kv_scale_file(layer, rank); }
 
 // ---------------------------------------------------------------------------------------------
 // Checks on the whole source before anything is written.
@@ -403,7 +404,8 @@ void copy_tokenizer(const fs::path& src_ws, const fs::path& dst_ws, std::vector<
 }
 
 // Every source file present with its exact size, nothing unknown beside them, every split whole
-// in the source and the destination. Returns whether past_kv_scale files are present.
+// in the source and the destination. Returns whether past_kv_scale files are present (alone: a
+// kv-calibrate'd workspace's, listed in its config, are rewritten from its statistics instead).
 bool check_source(const Shape& shape, const std::vector<Tensor>& tensors, const fs::path& src) {
   const fs::path sw = weights_dir(src);
   std::set<std::string> known = {"config.yaml"};
@@ -421,7 +423,15 @@ bool check_source(const Shape& shape, const std::vector<Tensor>& tensors, const 
       known.insert(t.file(r));
     }
   }
-  const bool kv_scales = fs::exists(sw / kv_file(0, 0));
+  if (shape.c.kv_calib_bits) {  // kv-calibrate's files: all of them, sizes checked where they are read
+    TmConfig src_ranks = shape.c;
+    src_ranks.tp = shape.ts;
+    for (const std::string& f : kv_calibration_files(src_ranks)) {
+      if (!fs::exists(sw / f)) fail("{}: missing (config.yaml lists a KV calibration)", (sw / f).string());
+      known.insert(f);
+    }
+  }
+  const bool kv_scales = !shape.c.kv_calib_bits && fs::exists(sw / kv_file(0, 0));
   for (int64_t i = 0; kv_scales && i < shape.c.num_layer; ++i)
     for (int64_t r = 0; r < shape.ts; ++r) {
       read_kv_scale(sw / kv_file(i, r));
@@ -501,6 +511,12 @@ TmShardReport reshard_workspace(const TmShardOptions& opt, const TmShardProgress
   TmConfig dst_config = c;
   dst_config.tp = shape.tn;
   dst_config.inter_size = shape.inter_dst;
+  if (c.kv_calib_bits) {  // the statistics carry over; what derives from them is made for the new tp
+    fs::copy_file(sw / kKvStatsFile, dw / kKvStatsFile);
+    write_kv_derived(dw, dst_config, read_kv_stats(sw / kKvStatsFile, c), int(c.kv_calib_bits));
+    for (const std::string& f : kv_calibration_files(dst_config)) rep.files.push_back("triton_models/weights/" + f);
+    rep.kv_scales = true;
+  }
   write_file(dw / "config.yaml", format_config_yaml(dst_config));
   rep.files.push_back("triton_models/weights/config.yaml");
   copy_tokenizer(opt.src, out.tmp(), rep.files);

@@ -129,6 +129,21 @@ void write_file(const fs::path& path, const void* data, size_t n) {
   f.close();
 }
 
+void mirror_tree(const fs::path& src, const fs::path& dst, const std::function<bool(const fs::path&)>& skip) {
+  for (const auto& e : fs::recursive_directory_iterator(src)) {
+    const fs::path rel = fs::relative(e.path(), src);
+    if (e.is_directory()) {
+      fs::create_directories(dst / rel);
+    } else if (!skip(rel)) {
+      if (!e.is_regular_file()) fail("{}: not a regular file", e.path().string());
+      std::error_code ec;
+      fs::create_hard_link(e.path(), dst / rel, ec);
+      if (ec) fs::copy_file(e.path(), dst / rel, ec);
+      if (ec) fail("{}: cannot link or copy to {}: {}", e.path().string(), (dst / rel).string(), ec.message());
+    }
+  }
+}
+
 AtomicOutputDir::AtomicOutputDir(const fs::path& dest, bool overwrite) : dest_(dest), overwrite_(overwrite) {
   if (dest.empty()) fail("the destination path is empty");
   if (fs::exists(fs::symlink_status(dest)) && !overwrite)

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 namespace tmkit {
@@ -64,6 +65,11 @@ fs::path unique_sibling(const fs::path& dest, const char* tag);
 // Refuses (naming `flag`) an output folder that is, or contains, the input folder: --force must
 // never replace what is being read.
 void check_not_inside(const fs::path& dst, const fs::path& src, const std::string& flag);
+
+// Recreates the files of `src` under `dst` (which must exist) as hard links, or copies where the
+// file system cannot link, except those whose path relative to `src` `skip` returns true for.
+// The caller must never write into a mirrored file (it is shared with `src`): replace it instead.
+void mirror_tree(const fs::path& src, const fs::path& dst, const std::function<bool(const fs::path&)>& skip);
 
 class AtomicOutputDir {
  public:

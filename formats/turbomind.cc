@@ -200,6 +200,12 @@ std::string format_config_yaml(const TmConfig& c) {
   };
   std::string out;
   emit_section(out, "attention_config", attention);
+  if (c.kv_calib_bits) {
+    Section kv = {{"calib_samples", c.kv_calib_samples}, {"calib_seqlen", c.kv_calib_seqlen},
+                  {"past_kv_scale_bits", c.kv_calib_bits}, {"static_scales", std::string("layers.{i}.kv_int{8,4}.{r}.weight")},
+                  {"stats", std::string(kKvStatsFile)}};
+    emit_section(out, "kv_calibration", kv);
+  }
   emit_section(out, "lora_config", lora);
   emit_section(out, "model_config", model);
   return out;
@@ -298,6 +304,14 @@ TmConfig parse_config_yaml(const std::string& text, const std::string& where) {
   c.softmax_scale = a.opt<double>("softmax_scale", 0.0);
   c.use_logn_attn = a.opt<int64_t>("use_logn_attn", 0);
   c.cache_block_seq_len = a.opt<int64_t>("cache_block_seq_len", 64);
+  if (YAML::Node knode = root["kv_calibration"]; knode && knode.IsMap()) {
+    YamlReader k{knode, where, "kv_calibration"};
+    c.kv_calib_bits = k.as<int64_t>("past_kv_scale_bits");
+    if (c.kv_calib_bits != 8 && c.kv_calib_bits != 4)
+      fail("{}: kv_calibration.past_kv_scale_bits must be 8 or 4, not {}", where, c.kv_calib_bits);
+    c.kv_calib_samples = k.opt<int64_t>("calib_samples", 0);
+    c.kv_calib_seqlen = k.opt<int64_t>("calib_seqlen", 0);
+  }
   return c;
 }
 
@@ -312,6 +326,14 @@ TmConfig load_tm_config(const fs::path& ws) {
 
 std::string rank_file(const std::string& prefix, int64_t rank, const std::string& suffix) {
   return fmt::format("{}.{}.{}", prefix, rank, suffix);
+}
+
+std::string kv_static_file(int64_t layer, int bits, int64_t rank) {
+  return rank_file(fmt::format("layers.{}.kv_int{}", layer, bits), rank, "weight");
+}
+
+std::string past_kv_scale_file(int64_t layer, int64_t rank) {
+  return rank_file(fmt::format("layers.{}.past_kv_scale", layer), rank, "weight");
 }
 
 }  // namespace tmkit

@@ -29,6 +29,9 @@ struct TmConfig {
   double attention_factor = 1.0, beta_fast = 32.0, beta_slow = 1.0, softmax_scale = 0.0;
   std::string rope_scaling_type;
   int64_t use_dynamic_ntk = 0, use_logn_attn = 0, cache_block_seq_len = 64;
+  // kv_calibration (tmkit's own section, written by kv-calibrate; lmdeploy ignores it): the bits
+  // of the past_kv_scale files, and the calibration blocks; 0 when the workspace is uncalibrated.
+  int64_t kv_calib_bits = 0, kv_calib_samples = 0, kv_calib_seqlen = 0;
 
   DType weight_dtype() const;  // F16 or BF16 (int4 workspaces keep fp16 side tensors)
   int64_t vocab_padded() const { return pad_to(vocab_size, tp); }
@@ -56,6 +59,15 @@ TmConfig load_tm_config(const fs::path& workspace);
 
 // "layers.3.attention.w_qkv" + rank 1 + "weight" -> "layers.3.attention.w_qkv.1.weight"
 std::string rank_file(const std::string& prefix, int64_t rank, const std::string& suffix);
+
+// KV calibration files in the weights folder (kv-calibrate writes them, tm-eval and tm-shard read):
+//   kv_stats.safetensors                statistics of every layer (calib/kv_calibrate.h)
+//   layers.{i}.kv_int{8,4}.{r}.weight   static parameters of rank r: fp32 [4][kv_heads / tp][D],
+//                                       the planes k_scale, k_zero, v_scale, v_zero
+//   layers.{i}.past_kv_scale.{r}.weight lmdeploy <= 0.3's 4 x fp32 [k_scale, k_zp, v_scale, v_zp]
+inline constexpr const char* kKvStatsFile = "kv_stats.safetensors";
+std::string kv_static_file(int64_t layer, int bits, int64_t rank);
+std::string past_kv_scale_file(int64_t layer, int64_t rank);
 
 // Python's repr() of a float with PyYAML's tweak ("1e-05" -> "1.0e-05").
 std::string py_float(double v);

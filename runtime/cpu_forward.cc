@@ -58,7 +58,16 @@ Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, i
 }
 
 
-Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
+CpuModel::CpuModel(ModelWeights w, KvQuant kv) : w_(std::move(w)), kv_(std::move(kv)) {
+  const int64_t n = w_.cfg.kv_head_num * w_.cfg.size_per_head;
+  if (kv_.is_static() && int64_t(kv_.layers.size()) != w_.cfg.num_layer)
+    fail("static KV scales: {} layers for a model of {}", kv_.layers.size(), w_.cfg.num_layer);
+  for (const KvStaticLayer& l : kv_.layers)
+    for (const auto* p : {&l.k_scale, &l.k_zero, &l.v_scale, &l.v_zero})
+      if (int64_t(p->size()) != n) fail("static KV scales: {} values per layer for {} kv channels", p->size(), n);
+}
+
+Mat CpuModel::forward(const int32_t* tokens, int64_t T, const KvObserver* observe) const {
   const TmConfig& c = w_.cfg;
   const int64_t hid = c.hidden_units, H = c.head_num, KV = c.kv_head_num, D = c.size_per_head;
   const float scale = c.softmax_scale > 0 ? float(c.softmax_scale) : 1.0f / std::sqrt(float(D));
@@ -69,7 +78,8 @@ Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
     if (tokens[t] < 0 || tokens[t] >= c.vocab_size) fail("token id {} at position {} is outside the vocabulary [0, {})", tokens[t], t, c.vocab_size);
     x.row(t) = w_.embed.row(tokens[t]);
   }
-  for (const LayerWeights& l : w_.layers) {
+  for (size_t li = 0; li < w_.layers.size(); ++li) {
+    const LayerWeights& l = w_.layers[li];
     Mat h = rms_norm(x, l.attn_norm, c.norm_eps);
     Mat q = h * l.wq, k = h * l.wk, v = h * l.wv;
     if (l.bq.size()) {
@@ -77,12 +87,22 @@ Mat CpuModel::forward(const int32_t* tokens, int64_t T) const {
       k.rowwise() += l.bk.transpose();
       v.rowwise() += l.bv.transpose();
     }
+    const Mat k_pre = observe ? k : Mat();
+    if (kv_.is_static()) {  // K's parameters are those of K before RoPE (calib/kv_calibrate.h says why)
+      const KvStaticLayer& p = kv_.layers[li];
+      for (int64_t t = 0; t < T; ++t) {
+        kv_static_fake_quant(k.row(t).data(), int(KV * D), p.k_scale.data(), p.k_zero.data(), kv_.bits());
+        kv_static_fake_quant(v.row(t).data(), int(KV * D), p.v_scale.data(), p.v_zero.data(), kv_.bits());
+      }
+    }
     apply_rope(q, H, D, rt);
     apply_rope(k, KV, D, rt);
+    if (observe) (*observe)(int64_t(li), k_pre, k, v);
     // K and V as the KV cache would hold them (fp16, or int8/int4 codes), as every runtime does.
-    for (Mat* m : {&k, &v})
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < KV; ++h) kv_cache_roundtrip(m->row(t).data() + h * D, int(D), kv_);
+    if (!kv_.is_static())
+      for (Mat* m : {&k, &v})
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < KV; ++h) kv_cache_roundtrip(m->row(t).data() + h * D, int(D), kv_.mode);
     x.noalias() += attention(q, k, v, H, KV, D, scale) * l.wo;
     if (l.bo.size()) x.rowwise() += l.bo.transpose();
 

@@ -2,6 +2,7 @@
 // and quantizer of tmkit is checked against it. One sequence at a time, positions 0..T-1.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "kv_quant.h"
 #include "model_weights.h"
@@ -14,16 +15,20 @@ namespace tmkit {
 Mat rms_norm(const Mat& x, const Vec& w, double eps);
 Mat attention(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t KV, int64_t D, float scale);
 
+// Sees every layer's K before RoPE, K after it and V (all after bias), [T, KV * D], unrounded.
+using KvObserver = std::function<void(int64_t layer, const Mat& k_pre_rope, const Mat& k, const Mat& v)>;
+
 class CpuModel {
  public:
-  explicit CpuModel(ModelWeights w, KvMode kv = KvMode::kFp16) : w_(std::move(w)), kv_(kv) {}
+  explicit CpuModel(ModelWeights w, KvQuant kv = {});
   const TmConfig& config() const { return w_.cfg; }
   // Logits [T, vocab_size] (padding rows of the LM head dropped). Thread-safe.
-  Mat forward(const int32_t* tokens, int64_t T) const;
+  Mat forward(const int32_t* tokens, int64_t T) const { return forward(tokens, T, nullptr); }
+  Mat forward(const int32_t* tokens, int64_t T, const KvObserver* observe) const;
 
  private:
   ModelWeights w_;
-  KvMode kv_;
+  KvQuant kv_;
 };
 
 }  // namespace tmkit

@@ -4,16 +4,36 @@
 // "fp16 weights and compute"). Measured on small-llama (bf16): bf16 GEMM inputs put the logits
 // 4.4e-3 (rel. L2) off the fp32 reference, fp16 ones 1e-3 (2^-12 vs 2^-9 rounding). A workspace
 // with a weight beyond 65504 runs in bf16.
+//
+// Tensor parallelism (tp > 1): one RankModel per device on its own host thread (rank_workers.h),
+// each with rank_slice's share of the weights (tp_split.h), and an NCCL all-reduce of the fp32
+// `delta` after wo and after w2, as TurboMind does; every rank then holds the same residual
+// stream, and rank 0 alone runs the final norm and LM head.
 #include "gpu_model.h"
 
 #include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels.h"
+#include "rank_workers.h"
 #include "rope.h"
+#include "tp_split.h"
 #include "w4a16_linear.h"
+
+#ifdef TMKIT_HAVE_NCCL
+#include <nccl.h>
+#define TMKIT_NCCL_CHECK(expr)                                                                            \
+  do {                                                                                                     \
+    ncclResult_t r_ = (expr);                                                                              \
+    if (r_ != ncclSuccess) ::tmkit::fail("NCCL error at {}:{}: {}", __FILE__, __LINE__, ncclGetErrorString(r_)); \
+  } while (0)
+#endif
 
 namespace tmkit {
 
@@ -94,24 +114,43 @@ size_t gpu_kv_cache_roundtrip(const std::vector<float>& qkv, int T, int H, int K
   return cache.bytes();
 }
 
-struct GpuModel::Impl {
-  virtual ~Impl() = default;
-  TmConfig cfg;
-  std::string name;
+namespace {
+
+// The model on one device: the whole model (tp 1) or one rank's share of it.
+struct RankModel {
+  virtual ~RankModel() = default;
+  TmConfig cfg;  // this rank's heads and inter_size
   KvMode kv = KvMode::kFp16;
-  // Runs B sequences of T tokens (tokens: B * T ids, sequence-major) and leaves their logits on the
-  // device. With `use_cache`, the tokens follow the cached ones and their K/V are appended to the
-  // cache. With `nll_only`, the logits are not kept: nll() holds -log p(next id) of every row but
-  // the last (the LM head runs in slabs of rows, so no [B T, vocab] buffer is needed).
-  virtual void run(const int32_t* tokens, int64_t B, int64_t T, bool use_cache, bool nll_only) = 0;
+  int rank = 0;
+  // Static KV parameters of this rank's kv heads, per layer [k_scale | k_zero | v_scale | v_zero]
+  // (empty: online); KV statistics [layer][9][kv heads * D] are folded into kv_stats_d while set.
+  std::vector<DeviceBuffer<float>> kv_static;
+  DeviceBuffer<float> kv_stats_d;
+  bool collect_kv_stats = false;
+#ifdef TMKIT_HAVE_NCCL
+  ncclComm_t comm = nullptr;  // tp > 1
+#endif
+  // A forward in two steps, so that all ranks have passed every check before any of them enters a
+  // collective (a rank that failed alone would leave the others waiting in an all-reduce forever).
+  // stage() takes B sequences of T tokens (tokens: B * T ids, sequence-major, alive until launch()
+  // returns), checks them, sizes the buffers and captures the decode graph; launch() runs the
+  // forward and leaves its logits on the device. With `use_cache`, the tokens follow the cached
+  // ones and their K/V are appended to the cache. With `nll_only`, the logits are not kept: nll
+  // holds -log p(next id) of every row but the last (the LM head runs in slabs of rows, so no
+  // [B T, vocab] buffer is needed). Ranks other than 0 stop before the LM head. launch() only
+  // enqueues on `stream`; finish() books the forward once the stream is done.
+  virtual void stage(const int32_t* tokens, int64_t B, int64_t T, bool use_cache, bool nll_only) = 0;
+  virtual void launch() = 0;
+  virtual void finish() = 0;
+  cudaStream_t stream = nullptr;
   virtual void reset(int64_t capacity, int64_t batch) = 0;
+  // One all-reduce and a wait: NCCL connects the ranks here, outside any graph capture.
+  virtual void warm_up() = 0;
   virtual size_t cache_bytes() const = 0;
   int64_t cached = 0, last_rows = 0, cache_batch = 0;
   virtual const float* logits() const = 0;
   DeviceBuffer<float> nll;
 };
-
-namespace {
 
 // KV storage bits of a mode: fp16 stores halves.
 int kv_bits(KvMode m) { return m == KvMode::kFp16 ? 16 : int(m); }
@@ -121,7 +160,7 @@ int kv_bits(KvMode m) { return m == KvMode::kFp16 ? 16 : int(m); }
 constexpr int kLogitSlab = 2048;
 
 template <typename T>
-struct ImplT final : GpuModel::Impl {
+struct ImplT final : RankModel {
   struct Layer {
     DeviceBuffer<T> attn_norm, ffn_norm, wqkv, bqkv, wo, bo, w13, w2;
     std::unique_ptr<W4Linear> qkv4, wo4, w13_4, w2_4;  // int4 workspaces: these instead of the dense ones
@@ -138,11 +177,20 @@ struct ImplT final : GpuModel::Impl {
   int64_t capacity = 0;
   // Decode steps are replayed from one CUDA graph (a step is ~10 launches per layer, so small and
   // medium models are launch-bound otherwise); the position it runs at is read from pos_d.
-  cudaStream_t stream = nullptr;
   DeviceBuffer<int> pos_d{1};
   DeviceBuffer<char> blas_workspace{32u << 20};
   cudaGraphExec_t decode_graph = nullptr;
+  // TMKIT_DECODE_GRAPH=0 runs decode steps as plain launches (to compare, or should a graph fail).
+  const bool graphs = [] {
+    const char* e = std::getenv("TMKIT_DECODE_GRAPH");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
   float rope_scaling = 1.0f;
+  struct Staged {  // what stage() left for launch()
+    const int32_t* tokens = nullptr;
+    int B = 0, tokens_per_seq = 0, pos0 = 0;
+    bool graph = false, use_cache = false, nll_only = false;
+  } st;
 
   void drop_graph() {
     if (decode_graph) cudaGraphExecDestroy(decode_graph);
@@ -153,6 +201,9 @@ struct ImplT final : GpuModel::Impl {
     const int H = int(cfg.head_num), KV = int(cfg.kv_head_num), D = int(cfg.size_per_head);
     if (cap < 1) fail("KV cache: capacity {} must be at least 1 token", cap);
     if (batch < 1 || batch > 65535) fail("KV cache: batch {} is outside 1 .. 65535 sequences", batch);
+    if (!kv_static.empty())
+      fail("--kv-scales static: the KV cache (decode, tm-eval bench) stores online scales only; static scales are "
+           "evaluated by forwards without a cache (tm-eval ppl)");
     bool moved = cache.allocate(kv_bits(kv), int(layers.size()), int(batch), KV, D, cap);
     const size_t scratch = cuda::attention_decode_scratch_floats(int(batch), cuda::kDecodeMaxTokens, H, D, int(cap));
     cuda::require_device_memory(scratch * 4, decode_scratch.size() * 4,
@@ -165,8 +216,10 @@ struct ImplT final : GpuModel::Impl {
     cached = 0;
   }
   size_t cache_bytes() const override { return capacity ? cache.bytes() : 0; }
-  explicit ImplT(const ModelWeights& w) {
+  ImplT(const ModelWeights& w, KvMode kv_mode, int rank_) {
     cfg = w.cfg;
+    kv = kv_mode;
+    rank = rank_;
     embed = upload<T>(w.embed);
     output = upload<T>(w.output);
     norm = upload<T>(w.norm);
@@ -252,7 +305,22 @@ struct ImplT final : GpuModel::Impl {
     rope_scaling = rt.attention_scaling;
   }
 
-  void run(const int32_t* tokens, int64_t B64, int64_t T64, bool use_cache, bool nll_only) override {
+  // Sums `delta` over the ranks in place (each holds its heads' or its inter slice's share).
+  void all_reduce(float* x, size_t n) {
+#ifdef TMKIT_HAVE_NCCL
+    if (comm) TMKIT_NCCL_CHECK(ncclAllReduce(x, x, n, ncclFloat32, ncclSum, comm, stream));
+#else
+    (void)x, (void)n;
+#endif
+  }
+  void warm_up() override {
+    DeviceBuffer<float> one(1);
+    TMKIT_CUDA_CHECK(cudaMemsetAsync(one.get(), 0, 4, stream));
+    all_reduce(one.get(), 1);
+    TMKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  void stage(const int32_t* tokens, int64_t B64, int64_t T64, bool use_cache, bool nll_only) override {
     const int64_t V = cfg.vocab_size;
     if (B64 < 1 || T64 < 1) fail("a forward needs at least one token of one sequence ({} x {} given)", B64, T64);
     if (B64 > 65535 || B64 * T64 > (int64_t(1) << 24))
@@ -272,31 +340,49 @@ struct ImplT final : GpuModel::Impl {
     const std::string what = B > 1 ? fmt::format("a forward of {} sequences x {} tokens (fewer per batch: -b)", B, T_)
                                    : fmt::format("a forward of {} tokens", T_);
     // Decode steps replay one graph, unless the rotary table depends on the length (dynamic NTK).
-    const bool graph = use_cache && T_ == 1 && cfg.rope().type != "dynamic";
+    const bool graph = graphs && use_cache && T_ == 1 && cfg.rope().type != "dynamic";
     if (graph && !decode_graph) {
-      prepare(rows, rows, capacity, what);
+      prepare(rows, rank ? 0 : rows, capacity, what);
       // W4A16 dequantizes into w4_dense beyond its fused rows; nothing may be allocated while capturing.
       for (const Layer& l : layers)
         for (const auto* w4 : {&l.qkv4, &l.wo4, &l.w13_4, &l.w2_4})
           if (*w4) w4_dense.resize((*w4)->dense_elements(rows));
-      cudaGraph_t g;
+      cudaGraph_t g = nullptr;
       TMKIT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      enqueue(B, 1, 0, pos_d.get(), true, false);
-      TMKIT_CUDA_CHECK(cudaStreamEndCapture(stream, &g));
+      std::string error;
+      try {
+        enqueue(B, 1, 0, pos_d.get(), true, false);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      const cudaError_t end = cudaStreamEndCapture(stream, &g);  // leaves the stream usable whatever happened
+      if (error.empty() && end != cudaSuccess) error = cudaGetErrorString(end);
+      if (!error.empty()) {
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        fail("capturing the decode step as a CUDA graph: {} (TMKIT_DECODE_GRAPH=0 runs it without one)", error);
+      }
       TMKIT_CUDA_CHECK(cudaGraphInstantiate(&decode_graph, g, 0));
       cudaGraphDestroy(g);
     }
-    if (!graph) prepare(rows, nll_only ? std::min(rows, kLogitSlab) : rows, pos0 + T64, what);
-    TMKIT_CUDA_CHECK(cudaMemcpyAsync(ids_d.get(), tokens, size_t(rows) * 4, cudaMemcpyHostToDevice, stream));
-    if (graph) {
-      TMKIT_CUDA_CHECK(cudaMemcpyAsync(pos_d.get(), &pos0, 4, cudaMemcpyHostToDevice, stream));
+    if (!graph) prepare(rows, rank ? 0 : nll_only ? std::min(rows, kLogitSlab) : rows, pos0 + T64, what);
+    st = {tokens, B, T_, pos0, graph, use_cache, nll_only};
+  }
+
+  void launch() override {
+    const int rows = st.B * st.tokens_per_seq;
+    TMKIT_CUDA_CHECK(cudaMemcpyAsync(ids_d.get(), st.tokens, size_t(rows) * 4, cudaMemcpyHostToDevice, stream));
+    if (st.graph) {
+      TMKIT_CUDA_CHECK(cudaMemcpyAsync(pos_d.get(), &st.pos0, 4, cudaMemcpyHostToDevice, stream));
       TMKIT_CUDA_CHECK(cudaGraphLaunch(decode_graph, stream));
     } else {
-      enqueue(B, T_, pos0, nullptr, use_cache, nll_only);
+      enqueue(st.B, st.tokens_per_seq, st.pos0, nullptr, st.use_cache, st.nll_only);
     }
-    TMKIT_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host values copied above must outlive the copies
-    last_rows = nll_only ? 0 : rows;
-    if (use_cache) cached += T64;
+  }
+  void finish() override {  // the stream is done (the host values copied by launch() lived until then)
+    const int rows = st.B * st.tokens_per_seq;
+    last_rows = st.nll_only ? 0 : rows;
+    if (st.use_cache) cached += st.tokens_per_seq;
   }
 
   // The forward pass of B sequences of T tokens at positions pos0.. (or *pos_dev..), as kernels on
@@ -315,8 +401,12 @@ struct ImplT final : GpuModel::Impl {
       const int I = int(cfg.inter_size[li]);
       cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, rows, hid, h.get(), s);
       linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w);
+      float* stats = collect_kv_stats ? kv_stats_d.get() + li * 9 * size_t(KV * D) : nullptr;
+      if (stats) cuda::kv_stats<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D, true, stats, s);
+      const float* static_kv = kv_static.empty() ? nullptr : kv_static[li].get();
       cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rope_scaling, B, T_, H, KV,
-                         D, int(cfg.rotary_embedding), pos0, pos_dev, s);
+                         D, int(cfg.rotary_embedding), pos0, pos_dev, s, static_kv, kv_bits(kv));
+      if (stats) cuda::kv_stats<T>(qkv.get(), static_cast<const T*>(nullptr), rows, H, KV, D, false, stats, s);
       if (use_cache) {  // K and V enter the cache in its format; attention reads them back from there
         const cuda::KvLayer c = cache.layer(int(li));
         cuda::kv_append(qkv.get(), B, T_, H, c, pos0, pos_dev, s);
@@ -326,17 +416,20 @@ struct ImplT final : GpuModel::Impl {
         else
           cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale, attn.get(), s);
       } else {  // the same values as the cache would give back, in place
-        cuda::kv_fake_quant(qkv.get(), rows, H, KV, D, kv_bits(kv), s);
+        if (!static_kv) cuda::kv_fake_quant(qkv.get(), rows, H, KV, D, kv_bits(kv), s);  // else done in bias_rope
         cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), qkv.get() + size_t(H) * D, qkv.get() + size_t(H + KV) * D,
                                    size_t(qkv_w), B, T_, H, KV, D, scale, attn.get(), s);
       }
       linear(attn.get(), l.wo, l.wo4, delta.get(), rows, H * D, hid);
+      all_reduce(delta.get(), size_t(rows) * hid);  // the wo bias comes after, on every rank
       cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, rows, hid,
                            h.get(), s);
       linear(h.get(), l.w13, l.w13_4, gu.get(), rows, hid, 2 * I);
       cuda::silu_mul<T>(gu.get(), rows, I, act.get(), s);
       linear(act.get(), l.w2, l.w2_4, delta.get(), rows, I, hid);
+      all_reduce(delta.get(), size_t(rows) * hid);
     }
+    if (rank > 0) return;  // the ranks' residual streams are equal: rank 0 alone runs the head
     cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, rows, hid, h.get(), s);
     if (!nll_only) {
       gemm(h.get(), output.get(), logits_d.get(), rows, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
@@ -361,9 +454,11 @@ void gpu_start_context() {
   } joiner;
 }
 
-bool GpuModel::available() {
+bool GpuModel::available() { return device_count() > 0; }
+
+int GpuModel::device_count() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
 namespace {
@@ -375,20 +470,177 @@ bool fits_fp16(const ModelWeights& w) {
 }
 }  // namespace
 
-GpuModel::GpuModel(const ModelWeights& w, KvMode kv) {
+// The ranks. With tp 1 the one rank runs on the caller's thread and device, as before TP; with
+// tp > 1 rank r runs on worker r with device r current, for every CUDA call of it (construction,
+// forward, copies, destruction).
+struct GpuModel::Impl {
+  TmConfig cfg;  // the whole model's
+  std::string name;
+  std::vector<std::unique_ptr<RankModel>> ranks;
+  std::unique_ptr<RankWorkers> workers;
+  std::unique_ptr<std::barrier<>> staged;
+#ifdef TMKIT_HAVE_NCCL
+  std::vector<ncclComm_t> comms;  // null once aborted
+#endif
+  std::atomic<bool> broken{false};
+
+  RankModel& r0() const { return *ranks[0]; }
+  // f(r) for every rank (or rank `only`), each on its own device, in parallel.
+  void each(const std::function<void(int)>& f, int only = -1) {
+    if (!workers) return f(0);
+    workers->run([&](int r) {
+      TMKIT_CUDA_CHECK(cudaSetDevice(r));
+      f(r);
+    }, only);
+  }
+  void run(const int32_t* tokens, int64_t B, int64_t T, bool use_cache, bool nll_only) {
+    if (!workers) {
+      RankModel& m = r0();
+      m.stage(tokens, B, T, use_cache, nll_only);
+      m.launch();
+      TMKIT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+      return m.finish();
+    }
+    if (broken) fail("tensor parallelism: an earlier error on one rank aborted the NCCL communicators; build the model again");
+    std::atomic<bool> failed{false};
+    workers->run([&](int r) {
+      RankModel& m = *ranks[size_t(r)];
+      try {
+        TMKIT_CUDA_CHECK(cudaSetDevice(r));
+        m.stage(tokens, B, T, use_cache, nll_only);
+      } catch (...) {
+        failed = true;
+        staged->arrive_and_wait();
+        throw;
+      }
+      staged->arrive_and_wait();
+      if (failed) return;
+      try {
+        m.launch();
+        wait(r, failed);
+      } catch (...) {
+        failed = true;
+        abort_rank(r);
+        throw;
+      }
+      m.finish();
+    });
+  }
+  // Waits for rank r's stream. A rank that fails after the barrier (a launch error) would leave
+  // its peers in an all-reduce forever, so the wait polls the shared flag; when it is set, the
+  // rank aborts its communicator (NCCL's kernels watch its abort flag and return) and fails too.
+  void wait(int r, const std::atomic<bool>& failed) {
+    for (;;) {
+      const cudaError_t e = cudaStreamQuery(ranks[size_t(r)]->stream);
+      if (e == cudaSuccess) return;
+      if (e != cudaErrorNotReady) TMKIT_CUDA_CHECK(e);
+      if (failed) {
+        abort_rank(r);
+        TMKIT_CUDA_CHECK(cudaStreamSynchronize(ranks[size_t(r)]->stream));
+        fail("tensor parallelism: rank {} stopped because another rank failed", r);
+      }
+      std::this_thread::yield();
+    }
+  }
+  // On rank r's own thread: no other thread uses its communicator.
+  void abort_rank(int r) {
+    broken = true;
+#ifdef TMKIT_HAVE_NCCL
+    if (size_t(r) < comms.size() && comms[size_t(r)]) {
+      ncclCommAbort(comms[size_t(r)]);
+      comms[size_t(r)] = nullptr;
+      ranks[size_t(r)]->comm = nullptr;
+    }
+#else
+    (void)r;
+#endif
+  }
+  ~Impl() {
+    if (!workers) return;
+    try {
+      each([&](int r) {
+        ranks[size_t(r)].reset();
+#ifdef TMKIT_HAVE_NCCL
+        // Collective within the process (ncclCommFinalize): every rank's thread at once.
+        if (size_t(r) < comms.size() && comms[size_t(r)]) ncclCommDestroy(comms[size_t(r)]);
+#endif
+      });
+    } catch (...) {  // nothing to do about a failing device at this point
+    }
+  }
+};
+
+// Rank `rank` of `tp`'s static KV parameters, one device buffer a layer (rank_slice's kv heads).
+std::vector<DeviceBuffer<float>> upload_kv_static(const KvQuant& kv, const TmConfig& c, int rank, int tp) {
+  std::vector<DeviceBuffer<float>> out;
+  const size_t n = size_t(c.kv_head_num / tp * c.size_per_head), off = size_t(rank) * n;
+  for (const KvStaticLayer& l : kv.layers) {
+    std::vector<float> host;
+    for (const auto* v : {&l.k_scale, &l.k_zero, &l.v_scale, &l.v_zero}) host.insert(host.end(), v->begin() + long(off), v->begin() + long(off + n));
+    DeviceBuffer<float> d(host.size());
+    TMKIT_CUDA_CHECK(cudaMemcpy(d.get(), host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+GpuModel::GpuModel(const ModelWeights& w, const KvQuant& kvq, int tp) {
+  const KvMode kv = kvq.mode;
+  if (kvq.is_static() && int64_t(kvq.layers.size()) != w.cfg.num_layer)
+    fail("static KV scales: {} layers for a model of {}", kvq.layers.size(), w.cfg.num_layer);
   if (!available()) fail("--device cuda: no CUDA device is available");
+  check_tp_split(w.cfg, tp);
+  auto impl = std::make_unique<Impl>();
+  impl->cfg = w.cfg;
   const bool fp16 = w.cfg.weight_dtype() == DType::F16 || fits_fp16(w);  // int4 workspaces are F16
-  if (fp16) impl_ = std::make_unique<ImplT<__half>>(w);
-  else impl_ = std::make_unique<ImplT<__nv_bfloat16>>(w);
-  impl_->kv = kv;
+  auto make = [&](const ModelWeights& rw, int rank) -> std::unique_ptr<RankModel> {
+    std::unique_ptr<RankModel> m;
+    if (fp16) m = std::make_unique<ImplT<__half>>(rw, kv, rank);
+    else m = std::make_unique<ImplT<__nv_bfloat16>>(rw, kv, rank);
+    m->kv_static = upload_kv_static(kvq, w.cfg, rank, tp);
+    return m;
+  };
   cudaDeviceProp prop{};
   TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  impl_->name = std::string(prop.name) + (fp16 ? ", fp16" : ", bf16");
+  const std::string type = fp16 ? "fp16" : "bf16";
+  if (tp == 1) {
+    impl->ranks.push_back(make(w, 0));
+    impl->name = fmt::format("{}, {}", prop.name, type);
+  } else {
+    const int n = device_count();
+    if (n < tp) fail("--tp {} needs {} CUDA devices, {} present", tp, tp, n);
+#ifndef TMKIT_HAVE_NCCL
+    fail("--tp {}: this build of tmkit has no NCCL (tensor parallelism needs nccl.h and libnccl at configure time)", tp);
+#else
+    impl->ranks.resize(size_t(tp));
+    impl->workers = std::make_unique<RankWorkers>(tp);
+    impl->staged = std::make_unique<std::barrier<>>(tp);
+    impl->each([&](int r) { impl->ranks[size_t(r)] = make(rank_slice(w, r, tp), r); });
+    // NVLink multicast (NVLS) stays off: on the shared machines it can take the host's GPUs out of
+    // service. Set here, overriding the environment, before NCCL reads it.
+    setenv("NCCL_NVLS_ENABLE", "0", 1);
+    // Every connection at init rather than at a collective's first use, which may be inside a
+    // decode graph's capture (unless the environment says otherwise).
+    setenv("NCCL_RUNTIME_CONNECT", "0", 0);
+    impl->comms.assign(size_t(tp), nullptr);
+    int device = 0;
+    TMKIT_CUDA_CHECK(cudaGetDevice(&device));
+    TMKIT_NCCL_CHECK(ncclCommInitAll(impl->comms.data(), tp, nullptr));  // devices 0 .. tp-1
+    TMKIT_CUDA_CHECK(cudaSetDevice(device));
+    impl->each([&](int r) {
+      impl->ranks[size_t(r)]->comm = impl->comms[size_t(r)];
+      impl->ranks[size_t(r)]->warm_up();
+    });
+    impl->name = fmt::format("{} x {}, {}, tp {}", tp, prop.name, type, tp);
+#endif
+  }
+  impl_ = std::move(impl);
 }
 
 GpuModel::~GpuModel() = default;
 const TmConfig& GpuModel::config() const { return impl_->cfg; }
 std::string GpuModel::device_name() const { return impl_->name; }
+int GpuModel::tp() const { return int(impl_->ranks.size()); }
 
 Mat GpuModel::forward(const int32_t* tokens, int64_t T) { return forward_batch(tokens, 1, T); }
 
@@ -397,19 +649,27 @@ Mat GpuModel::forward_batch(const int32_t* tokens, int64_t batch, int64_t T) {
   return last_logits();
 }
 
-void GpuModel::reset(int64_t capacity, int64_t batch) { impl_->reset(capacity, batch); }
-void GpuModel::append(const int32_t* tokens, int64_t T) {
-  if (impl_->cache_batch == 0) fail("KV cache: append() before reset()");
-  impl_->run(tokens, impl_->cache_batch, T, /*use_cache=*/true, /*nll_only=*/false);
+void GpuModel::reset(int64_t capacity, int64_t batch) {
+  impl_->each([&](int r) { impl_->ranks[size_t(r)]->reset(capacity, batch); });
 }
-int64_t GpuModel::position() const { return impl_->cached; }
-int64_t GpuModel::batch() const { return impl_->cache_batch; }
-size_t GpuModel::kv_cache_bytes() const { return impl_->cache_bytes(); }
-void GpuModel::synchronize() const { TMKIT_CUDA_CHECK(cudaDeviceSynchronize()); }
+void GpuModel::append(const int32_t* tokens, int64_t T) {
+  if (impl_->r0().cache_batch == 0) fail("KV cache: append() before reset()");
+  impl_->run(tokens, impl_->r0().cache_batch, T, /*use_cache=*/true, /*nll_only=*/false);
+}
+int64_t GpuModel::position() const { return impl_->r0().cached; }
+int64_t GpuModel::batch() const { return impl_->r0().cache_batch; }
+size_t GpuModel::kv_cache_bytes() const {
+  size_t bytes = 0;
+  for (const auto& r : impl_->ranks) bytes += r->cache_bytes();
+  return bytes;
+}
+void GpuModel::synchronize() const { impl_->each([](int) { TMKIT_CUDA_CHECK(cudaDeviceSynchronize()); }); }
 
 Mat GpuModel::last_logits() const {
-  Mat logits(impl_->last_rows, impl_->cfg.vocab_size);
-  TMKIT_CUDA_CHECK(cudaMemcpy(logits.data(), impl_->logits(), size_t(logits.size()) * 4, cudaMemcpyDeviceToHost));
+  Mat logits(impl_->r0().last_rows, impl_->cfg.vocab_size);
+  impl_->each([&](int) {
+    TMKIT_CUDA_CHECK(cudaMemcpy(logits.data(), impl_->r0().logits(), size_t(logits.size()) * 4, cudaMemcpyDeviceToHost));
+  }, 0);
   return logits;
 }
 
@@ -420,7 +680,9 @@ void GpuModel::nll_sums(const int32_t* tokens, int64_t T, double* sum, double* s
 void GpuModel::nll_sums_batch(const int32_t* tokens, int64_t batch, int64_t T, double* sums, double* sums_sq) {
   impl_->run(tokens, batch, T, /*use_cache=*/false, /*nll_only=*/true);
   std::vector<float> nll(size_t(batch * T - 1));
-  TMKIT_CUDA_CHECK(cudaMemcpy(nll.data(), impl_->nll.get(), nll.size() * 4, cudaMemcpyDeviceToHost));
+  impl_->each([&](int) {
+    TMKIT_CUDA_CHECK(cudaMemcpy(nll.data(), impl_->r0().nll.get(), nll.size() * 4, cudaMemcpyDeviceToHost));
+  }, 0);
   for (int64_t b = 0; b < batch; ++b) {
     sums[b] = sums_sq[b] = 0.0;
     for (int64_t t = 0; t + 1 < T; ++t) {  // row b T + t scores token t + 1 of sequence b
@@ -429,6 +691,39 @@ void GpuModel::nll_sums_batch(const int32_t* tokens, int64_t batch, int64_t T, d
       sums_sq[b] += v * v;
     }
   }
+}
+
+KvStats GpuModel::kv_stats(const int32_t* tokens, int64_t batch, int64_t T) {
+  const TmConfig& c = impl_->cfg;
+  const int tp = int(impl_->ranks.size()), kv_r = int(c.kv_head_num) / tp, D = int(c.size_per_head);
+  const size_t per_layer = 9 * size_t(kv_r * D);
+  impl_->each([&](int r) {
+    RankModel& m = *impl_->ranks[size_t(r)];
+    m.kv_stats_d.resize(size_t(c.num_layer) * per_layer);
+    for (int64_t li = 0; li < c.num_layer; ++li) cuda::kv_stats_init(m.kv_stats_d.get() + li * per_layer, kv_r, D, nullptr);
+    m.collect_kv_stats = true;
+  });
+  const auto stop = [&] {
+    for (auto& r : impl_->ranks) r->collect_kv_stats = false;
+  };
+  try {
+    impl_->run(tokens, batch, T, /*use_cache=*/false, /*nll_only=*/true);
+  } catch (...) {
+    stop();
+    throw;
+  }
+  stop();
+  KvStats out(c.num_layer, c.kv_head_num, c.size_per_head);
+  out.tokens = batch * T;
+  impl_->each([&](int r) {
+    std::vector<float> host(size_t(c.num_layer) * per_layer);
+    TMKIT_CUDA_CHECK(cudaMemcpy(host.data(), impl_->ranks[size_t(r)]->kv_stats_d.get(), host.size() * 4, cudaMemcpyDeviceToHost));
+    for (int64_t li = 0; li < c.num_layer; ++li)  // rank r holds kv heads r kv_r .. (r + 1) kv_r - 1
+      for (int st = 0; st < KvStats::kStats; ++st)
+        std::copy_n(host.data() + li * per_layer + size_t(st * kv_r * D), kv_r * D,
+                    out.layers[size_t(li)].s[size_t(st)].begin() + long(r) * kv_r * D);
+  });
+  return out;
 }
 
 }  // namespace tmkit

@@ -1,6 +1,9 @@
 // The CUDA runtime of tm-eval: the same forward pass as the CPU oracle, on the GPU with the
 // workspace's fp16/bf16 weights (kernels in cuda/, dense products through cuBLAS). In a build
 // without CUDA, available() is false and constructing one fails with a clear message.
+// With tp > 1 the model runs tensor-parallel on devices 0 .. tp-1 (tp_split.h's shares, NCCL
+// all-reduce after wo and w2, one host thread per device); every method then acts on all ranks
+// and returns rank 0's results, the same values as tp 1 up to float summation order.
 #pragma once
 #include <memory>
 #include <string>
@@ -31,13 +34,17 @@ void gpu_start_context();
 class GpuModel {
  public:
   static bool available();  // this build has CUDA and a device is present
-  explicit GpuModel(const ModelWeights& w, KvMode kv = KvMode::kFp16);
+  static int device_count();  // CUDA devices present (0 without CUDA)
+  // tp > 1 needs NCCL in the build and tp devices; fails with one line saying what is missing, or
+  // which of the model's dimensions tp does not divide (tp_split.h).
+  explicit GpuModel(const ModelWeights& w, const KvQuant& kv = {}, int tp = 1);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
 
   const TmConfig& config() const;
-  std::string device_name() const;
+  std::string device_name() const;  // e.g. "NVIDIA H200, fp16", "2 x NVIDIA H200, fp16, tp 2"
+  int tp() const;
   // Logits [T, vocab_size] of one sequence, copied to the host (for `tm-eval logits` and tests).
   Mat forward(const int32_t* tokens, int64_t T);
   // Logits [batch * T, vocab_size] of `batch` sequences of T tokens in one forward (tokens and rows
@@ -48,6 +55,8 @@ class GpuModel {
   // The same for `batch` sequences of T tokens at once (tokens holds batch * T ids, sequence-major):
   // one forward with batch * T rows in every GEMM, attention per sequence; sums[b], sums_sq[b].
   void nll_sums_batch(const int32_t* tokens, int64_t batch, int64_t T, double* sums, double* sums_sq);
+  // KV statistics (formats/kv_stats.h) of `batch` sequences of T tokens, reduced on the device.
+  KvStats kv_stats(const int32_t* tokens, int64_t batch, int64_t T);
 
   // Generation over a KV cache: reset() starts `batch` sequences with room for `capacity` tokens
   // each; append() runs T tokens of every sequence after those already cached (a prompt, then one
@@ -63,7 +72,7 @@ class GpuModel {
   size_t kv_cache_bytes() const;
   void synchronize() const;
 
-  struct Impl;  // per element type, in gpu_model.cc
+  struct Impl;  // the ranks, in gpu_model.cc
 
  private:
   std::unique_ptr<Impl> impl_;

@@ -22,9 +22,20 @@ void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float 
 // then rotates the first `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by
 // position * inv_freq[j]. Row b T + t of the buffer sits at position pos0 + t.
 // pos_dev, when given, holds pos0 in device memory (for CUDA graphs replayed at every position).
+// kv_static, when given, holds one layer's static KV parameters [k_scale | k_zero | v_scale | v_zero]
+// (KV D floats each, ../kv_quant.h): K (before the rotation) and V are quantized to `kv_bits` and
+// back on the way, exactly as kv_static_fake_quant.
 template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int B, int T_, int H, int KV, int D,
-               int rot, int pos0, const int* pos_dev, cudaStream_t s);
+               int rot, int pos0, const int* pos_dev, cudaStream_t s, const float* kv_static = nullptr, int kv_bits = 8);
+
+// KV statistics (formats/kv_stats.h) of rows [T, (H + 2KV) D] of qkv, folded into stats
+// [9][KV D] (K after RoPE, K before it, V; min, max, absmax each). `pre_rope`: the buffer holds
+// q/k/v before bias_rope (bias added here, as bias_rope adds it): K before RoPE and V are folded;
+// otherwise K (after RoPE). Order-independent, so deterministic.
+template <typename T>
+void kv_stats(const float* qkv, const T* bias, int rows, int H, int KV, int D, bool pre_rope, float* stats, cudaStream_t s);
+void kv_stats_init(float* stats, int KV, int D, cudaStream_t s);
 
 // K and V heads of qkv [T, (H + 2KV) D] as the KV cache would give them back (../kv_quant.h): `bits`
 // 8 or 4 quantize and dequantize per token and kv head, 16 rounds to fp16.

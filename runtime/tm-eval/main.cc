@@ -25,10 +25,27 @@ struct Options {
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   int64_t n = 64, ctx = 512, chunks = 0, prompt = 512, gen = 128, batch = 1;
   int reps = 5;
+  int tp = 0;  // 0: the workspace's own
   std::string format = "md";
   bool json = false, quiet = false, force = false, add_special = false;
-  std::string kv = "fp16";
+  std::string kv = "fp16", kv_scales = "dynamic";
 };
+
+void add_tp_option(CLI::App* cmd, Options& o) {
+  cmd->add_option("--tp", o.tp, "GPUs to run tensor-parallel (default: the workspace's tp; any tp that divides the heads, "
+                                "kv heads and inter_size works; the CPU oracle ignores it)")
+      ->check(CLI::Range(1, 1024));
+}
+
+// The GPU's tensor-parallel size: --tp, else the workspace's own tp when that many devices exist.
+int gpu_tp(const Options& o, const tmkit::TmConfig& c) {
+  if (o.tp > 0) return o.tp;
+  const int n = tmkit::GpuModel::device_count();
+  if (c.tp > n)
+    tmkit::fail("{} is split for tp {}, which runs on {} GPUs and {} {} present (--tp 1 runs it on one)", o.model, c.tp,
+                c.tp, n, n == 1 ? "is" : "are");
+  return int(c.tp);
+}
 
 void add_model_inputs(CLI::App* cmd, Options& o) {
   cmd->add_option("-m,--model", o.model, "TurboMind workspace folder (any tp, float16 or bfloat16)")->required();
@@ -40,8 +57,13 @@ void add_model_inputs(CLI::App* cmd, Options& o) {
   cmd->add_option("--device", o.device, "auto (cuda when a GPU is present), cuda, or cpu (the Eigen oracle)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("-t,--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  cmd->add_option("--kv-scales", o.kv_scales,
+                  "int8/int4 KV: dynamic (online, per token and kv head, as TurboMind) or static (kv-calibrate's\n"
+                  "per kv head and channel scales of the workspace; forwards without a cache, i.e. ppl and logits)")
+      ->check(CLI::IsMember({"dynamic", "static"}));
   cmd->add_option("--kv", o.kv, "KV cache: fp16 (full precision), int8 or int4 (TurboMind's online per-token, per-head quantization)")
       ->check(CLI::IsMember({"fp16", "int8", "int4"}));
+  add_tp_option(cmd, o);
 }
 
 // The runtime under test: the GPU when asked for (or, with auto, present), else the CPU oracle.
@@ -53,10 +75,11 @@ struct Runtime {
 
   explicit Runtime(const Options& o) {
     tmkit::ModelWeights w = tmkit::load_workspace(o.model);
-    tmkit::KvMode kv = tmkit::KvMode::kFp16;
-    tmkit::parse_kv_mode(o.kv, &kv);
+    tmkit::KvMode mode = tmkit::KvMode::kFp16;
+    tmkit::parse_kv_mode(o.kv, &mode);
+    const tmkit::KvQuant kv = tmkit::load_kv_quant(o.model, tmkit::load_tm_config(o.model), mode, o.kv_scales == "static");
     device = o.device == "auto" ? (tmkit::GpuModel::available() ? "cuda" : "cpu") : o.device;
-    if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w, kv);
+    if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w, kv, gpu_tp(o, w.cfg));
     else cpu = std::make_unique<tmkit::CpuModel>(std::move(w), kv);
     threads = gpu ? 1 : o.threads;
   }
@@ -72,6 +95,7 @@ struct Runtime {
     };
   }
   std::string name() const { return gpu ? "cuda (" + gpu->device_name() + ")" : "cpu"; }
+  int tp() const { return gpu ? gpu->tp() : 1; }  // the oracle runs the merged weights
 };
 
 std::vector<int32_t> input_tokens(const Options& o, int64_t vocab) {
@@ -109,7 +133,7 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
                                            });
   progress.finish();
   if (o.json) {
-    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()}, {"kv", o.kv},
+    nlohmann::json j = {{"model", o.model}, {"input", o.tokens.empty() ? o.text : o.tokens}, {"device", model.name()}, {"tp", model.tp()}, {"kv", o.kv}, {"kv_scales", o.kv_scales},
                         {"ctx", o.ctx}, {"ppl", r.ppl}, {"ppl_error", r.ppl_error}, {"mean_nll", r.mean_nll},
                         {"chunks", r.chunks}, {"tokens", r.tokens}, {"seconds", r.seconds},
                         {"tokens_per_second", r.seconds > 0 ? double(r.chunks * o.ctx) / r.seconds : 0.0}};
@@ -132,7 +156,7 @@ int run_bench(const Options& o) {
   const tmkit::ModelWeights w = tmkit::load_workspace(o.model);
   tmkit::KvMode kv = tmkit::KvMode::kFp16;
   tmkit::parse_kv_mode(o.kv, &kv);
-  tmkit::GpuModel gpu(w, kv);
+  tmkit::GpuModel gpu(w, kv, gpu_tp(o, w.cfg));
   const tmkit::TmConfig& c = w.cfg;
   const int64_t B = o.batch;
   std::vector<int32_t> ids(size_t(std::max(o.prompt, o.gen) * B));
@@ -175,7 +199,7 @@ int run_bench(const Options& o) {
     nlohmann::json j = nlohmann::json::array();
     for (const Row& r : rows)
       j.push_back({{"model", model}, {"weight_bytes", weight_bytes}, {"params", params}, {"backend", backend},
-                   {"kv", o.kv}, {"test", r.test}, {"tokens_per_second", r.mean}, {"stddev", r.sd}, {"repetitions", o.reps}});
+                   {"tp", gpu.tp()}, {"kv", o.kv}, {"test", r.test}, {"tokens_per_second", r.mean}, {"stddev", r.sd}, {"repetitions", o.reps}});
     fmt::print("{}\n", j.dump(2));
   } else if (o.format == "csv") {
     fmt::print("model,size_gib,params_b,backend,kv,test,t_per_s,stddev\n");
@@ -240,6 +264,7 @@ int main(int argc, char** argv) {
   bench->add_option("-o,--output", o.format, "md, csv or json")->check(CLI::IsMember({"md", "csv", "json"}));
   bench->add_option("--device", o.device, "cuda (auto picks it when present)")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   bench->add_option("--kv", o.kv, "KV cache: fp16, int8 or int4")->check(CLI::IsMember({"fp16", "int8", "int4"}));
+  add_tp_option(bench, o);
 
   CLI::App* tokenize = app.add_subcommand("tokenize", "text -> int32 token ids with the model's own tokenizer");
   tokenize->add_option("-m,--model", o.model, "HF model folder, workspace, or tokenizer.json / tokenizer.model")->required();
