@@ -40,10 +40,16 @@ void add_tp_option(CLI::App* cmd, Options& o) {
 // The GPU's tensor-parallel size: --tp, else the workspace's own tp when that many devices exist.
 int gpu_tp(const Options& o, const tmkit::TmConfig& c) {
   if (o.tp > 0) return o.tp;
+  // The workspace's own tp when that many GPUs exist; else one GPU (the ranks merge on loading, so
+  // the results are the same up to summation order), said on stderr: a one-GPU machine still runs
+  // every workspace, as before tensor parallelism. An explicit --tp never falls back.
   const int n = tmkit::GpuModel::device_count();
-  if (c.tp > n)
-    tmkit::fail("{} is split for tp {}, which runs on {} GPUs and {} {} present (--tp 1 runs it on one)", o.model, c.tp,
-                c.tp, n, n == 1 ? "is" : "are");
+  if (c.tp > n) {
+    if (!o.quiet)
+      fmt::print(stderr, "tm-eval: {} is split for tp {} and {} GPU{} present: running it on one (--tp to choose)\n",
+                 o.model, c.tp, n, n == 1 ? " is" : "s are");
+    return 1;
+  }
   return int(c.tp);
 }
 
