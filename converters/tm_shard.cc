@@ -340,8 +340,6 @@ KvScale merge_kv_scales(const std::vector<KvScale>& parts, int bits) {
   return out;
 }
 
-std::string kv_file(int64_t layer, int64_t rank) { return past_kv_scale_file(layer, rank); }
-
 // ---------------------------------------------------------------------------------------------
 // Checks on the whole source before anything is written.
 
@@ -431,11 +429,11 @@ bool check_source(const Shape& shape, const std::vector<Tensor>& tensors, const 
       known.insert(f);
     }
   }
-  const bool kv_scales = !shape.c.kv_calib_bits && fs::exists(sw / kv_file(0, 0));
+  const bool kv_scales = !shape.c.kv_calib_bits && fs::exists(sw / past_kv_scale_file(0, 0));
   for (int64_t i = 0; kv_scales && i < shape.c.num_layer; ++i)
     for (int64_t r = 0; r < shape.ts; ++r) {
-      read_kv_scale(sw / kv_file(i, r));
-      known.insert(kv_file(i, r));
+      read_kv_scale(sw / past_kv_scale_file(i, r));
+      known.insert(past_kv_scale_file(i, r));
     }
   check_known_entries(sw, known);
   check_known_entries(src, {"triton_models"});
@@ -450,10 +448,10 @@ void write_kv_scales(const Shape& shape, const fs::path& sw, const fs::path& dw,
   for (int64_t i = 0; i < shape.c.num_layer; ++i)
     for (int64_t r = 0; r < shape.tn; ++r) {
       std::vector<KvScale> parts;  // the source ranks holding this rank's kv heads
-      for (int64_t s = r * kd / ks; s <= ((r + 1) * kd - 1) / ks; ++s) parts.push_back(read_kv_scale(sw / kv_file(i, s)));
+      for (int64_t s = r * kd / ks; s <= ((r + 1) * kd - 1) / ks; ++s) parts.push_back(read_kv_scale(sw / past_kv_scale_file(i, s)));
       const KvScale merged = merge_kv_scales(parts, bits);
-      write_file(dw / kv_file(i, r), merged.v, 16);
-      done(kv_file(i, r), 16);
+      write_file(dw / past_kv_scale_file(i, r), merged.v, 16);
+      done(past_kv_scale_file(i, r), 16);
     }
 }
 

@@ -92,8 +92,10 @@ std::array<float, 4> legacy_kv_scale(const KvStats& stats, int64_t layer, int64_
 
 namespace {
 
-constexpr const char* kStatNames[KvStats::kStats] = {"k.min",         "k.max", "k.absmax", "k_prerope.min", "k_prerope.max",
-                                                     "k_prerope.absmax", "v.min", "v.max", "v.absmax"};
+// In KvStats::Layer::s order: tensor-major, then min, max, absmax.
+constexpr const char* kStatNames[KvStats::kStats] = {"k.min",         "k.max",         "k.absmax",
+                                                     "k_prerope.min", "k_prerope.max", "k_prerope.absmax",
+                                                     "v.min",         "v.max",         "v.absmax"};
 
 }  // namespace
 

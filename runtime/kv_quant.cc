@@ -32,12 +32,14 @@ KvQuant load_kv_quant(const fs::path& ws, const TmConfig& cfg, KvMode mode, bool
       const MappedFile f(p);
       if (f.size() != uint64_t(4 * n) * 4) fail("{}: {} bytes, expected {} (fp32 [4, {}, {}])", p.string(), f.size(), 16 * n, kv_r, D);
       const float* planes = reinterpret_cast<const float*>(f.data());
-      int i = 0;
-      for (std::vector<float>* v : {&l.k_scale, &l.k_zero, &l.v_scale, &l.v_zero}) {
-        const float* src = planes + (i++) * n;
+      std::vector<float>* dst[4] = {&l.k_scale, &l.k_zero, &l.v_scale, &l.v_zero};
+      for (int plane = 0; plane < 4; ++plane) {
+        const float* src = planes + plane * n;
+        const bool scale = plane % 2 == 0;
         for (int64_t c = 0; c < n; ++c)
-          if (!std::isfinite(src[c]) || (i % 2 == 1 && src[c] < 0)) fail("{}: value {} is not a valid scale or zero", p.string(), c);
-        v->insert(v->end(), src, src + n);
+          if (!std::isfinite(src[c]) || (scale && src[c] < 0))
+            fail("{}: value {} of plane {} is not a valid {}", p.string(), c, plane, scale ? "scale" : "zero");
+        dst[plane]->insert(dst[plane]->end(), src, src + n);
       }
     }
     q.layers.push_back(std::move(l));

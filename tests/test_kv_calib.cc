@@ -15,6 +15,8 @@
 namespace tmkit {
 namespace {
 
+using test::files_of;
+
 namespace fs = std::filesystem;
 
 const std::string kCalib = " --calib-samples 4 --calib-seqlen 256 --device cpu -q";
@@ -29,13 +31,6 @@ fs::path calibrated(const fs::path& dst, const std::string& extra = "") {
   const auto r = calibrate(test::q(test::model_dir("tiny-qwen2")) + " --dst-path " + test::q(dst) + extra);
   if (r.code != 0) throw std::runtime_error("kv-calibrate failed: " + r.err);
   return dst;
-}
-
-std::map<std::string, std::string> files_of(const fs::path& root) {
-  std::map<std::string, std::string> out;
-  for (const auto& e : fs::recursive_directory_iterator(root))
-    if (e.is_regular_file()) out[fs::relative(e.path(), root).generic_string()] = test::slurp(e.path());
-  return out;
 }
 
 std::vector<float> floats(const fs::path& p) { return test::read_array<float>(p); }

@@ -13,27 +13,14 @@
 #include "kv_quant.h"
 #include "error.h"
 #include "test_util.h"
+#include "workspace_cache.h"
 
 using namespace tmkit;
 using json = nlohmann::json;
 
 namespace {
 
-// One conversion per (model, tp) for the whole test binary.
-fs::path workspace(const std::string& model, int64_t tp) {
-  static test::TempDir root;
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  const fs::path ws = root / (model + "-tp" + std::to_string(tp));
-  if (!fs::exists(ws)) {
-    Hf2TmOptions o;
-    o.src = test::model_dir(model);
-    o.dst = ws;
-    o.tp = tp;
-    convert_hf_to_tm(o);
-  }
-  return ws;
-}
+fs::path workspace(const std::string& model, int64_t tp) { return test::cached_workspace(model, tp); }
 
 json reference(const std::string& model) {
   return json::parse(test::slurp(test::reference_dir(model) / "reference.json"));

@@ -18,6 +18,8 @@ using namespace tmkit;
 
 namespace {
 
+using test::files_of;
+
 fs::path hf2tm(const fs::path& model, const fs::path& dst, int64_t tp) {
   Hf2TmOptions o;
   o.src = model;
@@ -35,14 +37,6 @@ fs::path shard(const fs::path& src, const fs::path& dst, int64_t tp, bool force 
   o.force = force;
   reshard_workspace(o);
   return dst;
-}
-
-// Every file under `root` by relative path.
-std::map<std::string, std::string> files_of(const fs::path& root) {
-  std::map<std::string, std::string> out;
-  for (const auto& e : fs::recursive_directory_iterator(root))
-    if (e.is_regular_file()) out[fs::relative(e.path(), root).generic_string()] = test::slurp(e.path());
-  return out;
 }
 
 void expect_same_workspace(const fs::path& got, const fs::path& want) {

@@ -13,28 +13,14 @@
 #include "perplexity.h"
 #include "rtn.h"
 #include "test_util.h"
+#include "workspace_cache.h"
 
 using namespace tmkit;
 
 namespace {
 
-// One conversion per (model, tp, int4) for the whole binary; int4 is RTN w4g128 of the float one.
 fs::path workspace(const std::string& model, int64_t tp, bool int4 = false) {
-  static test::TempDir root;
-  static std::recursive_mutex mu;
-  std::lock_guard<std::recursive_mutex> lock(mu);
-  const fs::path ws = root / (model + "-tp" + std::to_string(tp) + (int4 ? "-int4" : ""));
-  if (fs::exists(ws)) return ws;
-  if (int4) {
-    quantize_workspace_rtn(workspace(model, tp), ws, 128, false);
-    return ws;
-  }
-  Hf2TmOptions o;
-  o.src = test::model_dir(model);
-  o.dst = ws;
-  o.tp = tp;
-  convert_hf_to_tm(o);
-  return ws;
+  return test::cached_workspace(model, tp, int4);
 }
 
 std::vector<float> as_vector(const Mat& m) { return std::vector<float>(m.data(), m.data() + m.size()); }

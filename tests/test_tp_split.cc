@@ -11,29 +11,14 @@
 #include "rtn.h"
 #include "tp_split.h"
 #include "test_util.h"
+#include "workspace_cache.h"
 
 using namespace tmkit;
 
 namespace {
 
-// One conversion per (model, tp, int4) for the whole test binary; int4 is RTN w4g128 of the
-// float workspace of the same tp (rank files quantized one by one, as awq-quantize --tp writes).
 fs::path workspace(const std::string& model, int64_t tp, bool int4 = false) {
-  static test::TempDir root;
-  static std::recursive_mutex mu;
-  std::lock_guard<std::recursive_mutex> lock(mu);
-  const fs::path ws = root / (model + "-tp" + std::to_string(tp) + (int4 ? "-int4" : ""));
-  if (fs::exists(ws)) return ws;
-  if (int4) {
-    quantize_workspace_rtn(workspace(model, tp), ws, 128, false);
-    return ws;
-  }
-  Hf2TmOptions o;
-  o.src = test::model_dir(model);
-  o.dst = ws;
-  o.tp = tp;
-  convert_hf_to_tm(o);
-  return ws;
+  return test::cached_workspace(model, tp, int4);
 }
 
 // A rank file as floats [rows, cols] in the workspace's weight type.

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <stdexcept>
 #include <random>
 #include <sstream>
@@ -67,6 +68,14 @@ inline RunResult run(const std::string& cmd) {
   r.out = slurp(tmp / "out");
   r.err = slurp(tmp / "err");
   return r;
+}
+
+// Every file under `root` by relative path, with its bytes.
+inline std::map<std::string, std::string> files_of(const fs::path& root) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(root))
+    if (e.is_regular_file()) out[fs::relative(e.path(), root).generic_string()] = slurp(e.path());
+  return out;
 }
 
 inline std::string q(const fs::path& p) { return "'" + p.string() + "'"; }

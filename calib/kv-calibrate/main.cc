@@ -3,7 +3,6 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <nlohmann/json.hpp>
-#include <set>
 #include <thread>
 
 #include "dataset.h"
@@ -138,13 +137,12 @@ int main(int argc, char** argv) {
 
     tmkit::AtomicOutputDir out(o.dst, true);
     const auto kv_files = tmkit::kv_calibration_files(cfg);
-    const std::set<std::string> replaced(kv_files.begin(), kv_files.end());
     tmkit::mirror_tree(base, out.tmp(), [&](const path& rel) {
       const bool weights = rel.parent_path() == path("triton_models") / "weights";
       const std::string name = rel.filename().string();
-      // Old calibration files of any tp go too: a new calibration replaces them all.
-      return weights && (name == "config.yaml" || replaced.count(name) || name.find(".past_kv_scale.") != std::string::npos ||
-                         name.find(".kv_int") != std::string::npos);
+      // Every old calibration file goes (whatever tp wrote it): the new calibration replaces them all.
+      return weights && (name == "config.yaml" || name == tmkit::kKvStatsFile ||
+                         name.find(".past_kv_scale.") != std::string::npos || name.find(".kv_int") != std::string::npos);
     });
     tmkit::KvCalibrationFiles files;
     files.legacy_bits = o.kv_bits;
