@@ -134,7 +134,9 @@ TEST(KvCalibrate, InPlaceAndAtomic) {
   const auto after = files_of(tmp / "ws");
   EXPECT_EQ(after.size(), before.size() + 1 + 3 * 2);  // stats, and per layer kv_int8, kv_int4, past_kv_scale
   for (const auto& [name, bytes] : before)
-    if (name.find("config.yaml") == std::string::npos) EXPECT_EQ(after.at(name), bytes) << name;
+    if (name.find("config.yaml") == std::string::npos) {
+      EXPECT_EQ(after.at(name), bytes) << name;
+    }
   EXPECT_EQ(files_of(tmp / "ws"), files_of(calibrated(tmp / "fresh")));  // the same as converting + calibrating
   std::set<std::string> entries;
   for (const auto& e : fs::directory_iterator(tmp.path())) entries.insert(e.path().filename().string());
