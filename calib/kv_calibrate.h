@@ -14,7 +14,8 @@ namespace tmkit {
 using KvCalibProgress = std::function<void(int64_t done, int64_t total)>;
 
 // Statistics of `blocks` (samples x seqlen ids, row-major) through the CPU oracle, `threads`
-// blocks at a time; `progress` after each block, in order.
+// blocks at a time, in two passes: the extremes, then histograms within them, from which the int4
+// ranges are set (formats/kv_stats.h). `progress` after each block of either pass, in order.
 KvStats kv_stats_cpu(const CpuModel& model, const std::vector<int32_t>& blocks, int64_t samples, int64_t seqlen,
                      int threads, const KvCalibProgress& progress = {});
 

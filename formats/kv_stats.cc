@@ -45,7 +45,95 @@ void KvStats::merge(const KvStats& o) {
       const std::vector<float>& b = o.layers[li].s[size_t(i)];
       for (size_t j = 0; j < a.size(); ++j) a[j] = i % 3 == kMin ? std::min(a[j], b[j]) : std::max(a[j], b[j]);
     }
+  for (Layer& l : layers) l.int4 = {};
   tokens += o.tokens;
+}
+
+KvHistograms::KvHistograms(const KvStats& ranges) : channels(ranges.kv_heads * ranges.head_dim) {
+  for (const KvStats::Layer& l : ranges.layers) {
+    Layer h;
+    for (KvStats::Tensor t : {KvStats::kKPreRope, KvStats::kV}) {
+      h.lo.insert(h.lo.end(), l.at(t, KvStats::kMin).begin(), l.at(t, KvStats::kMin).end());
+      h.hi.insert(h.hi.end(), l.at(t, KvStats::kMax).begin(), l.at(t, KvStats::kMax).end());
+    }
+    h.counts.assign(size_t(2 * channels * kBins), 0);
+    layers.push_back(std::move(h));
+  }
+}
+
+void KvHistograms::observe(int64_t layer, int64_t rows, const float* k_pre, const float* v, int64_t stride) {
+  Layer& h = layers.at(size_t(layer));
+  for (int w = 0; w < 2; ++w)
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t c = 0; c < channels; ++c) {
+        const size_t i = size_t(w * channels + c);
+        const float x = (w ? v : k_pre)[t * stride + c];
+        ++h.counts[i * kBins + size_t(kv_hist_bin(x, h.lo[i], h.hi[i]))];
+      }
+}
+
+void KvHistograms::merge(const KvHistograms& o) {
+  if (o.layers.size() != layers.size() || o.channels != channels) fail("KV histograms of different shapes cannot be merged");
+  for (size_t li = 0; li < layers.size(); ++li) {
+    if (o.layers[li].lo != layers[li].lo || o.layers[li].hi != layers[li].hi)
+      fail("KV histograms over different ranges cannot be merged");
+    for (size_t j = 0; j < layers[li].counts.size(); ++j) layers[li].counts[j] += o.layers[li].counts[j];
+  }
+}
+
+namespace {
+
+// Squared 4-bit quantization error of a histogram (values at the bin centres) for the range [a, b].
+double int4_error(const uint64_t* counts, float lo, float width, float a, float b) {
+  const float scale = (b - a) / 15.0f;
+  double e = 0;
+  for (int j = 0; j < KvHistograms::kBins; ++j) {
+    if (!counts[j]) continue;
+    const float x = lo + (float(j) + 0.5f) * width;
+    const float q = scale > 0 ? std::fmin(std::fmax(std::nearbyint((x - a) / scale), 0.0f), 15.0f) : 0.0f;
+    const double d = double(q * scale + a - x);
+    e += double(counts[j]) * d * d;
+  }
+  return e;
+}
+
+// The least-error range inside [lo, hi]: each end moves inwards by i% of the range (i = 0..45),
+// one end at a time, until neither move helps (at most 4 rounds).
+std::pair<float, float> int4_range(const uint64_t* counts, float lo, float hi) {
+  if (!(hi > lo)) return {lo, hi};
+  const float range = hi - lo, width = range / float(KvHistograms::kBins);
+  int a = 0, b = 0;  // shrink steps of each end, 1% of the range each
+  auto at = [&](int i, int j) { return int4_error(counts, lo, width, lo + range * float(i) / 100, hi - range * float(j) / 100); };
+  double best = at(0, 0);
+  for (int round = 0; round < 4; ++round) {
+    const int a0 = a, b0 = b;
+    for (int i = 0; i <= 45; ++i)
+      if (double e = at(i, b); e < best) best = e, a = i;
+    for (int j = 0; j <= 45; ++j)
+      if (double e = at(a, j); e < best) best = e, b = j;
+    if (a == a0 && b == b0) break;
+  }
+  return {lo + range * float(a) / 100, hi - range * float(b) / 100};
+}
+
+}  // namespace
+
+void kv_int4_ranges(const KvHistograms& hist, KvStats* stats) {
+  if (hist.layers.size() != stats->layers.size() || hist.channels != stats->kv_heads * stats->head_dim)
+    fail("KV histograms do not fit the statistics");
+  const size_t C = size_t(hist.channels);
+  for (size_t li = 0; li < hist.layers.size(); ++li) {
+    const KvHistograms::Layer& h = hist.layers[li];
+    std::array<std::vector<float>, 4>& r = stats->layers[li].int4;
+    for (std::vector<float>& v : r) v.assign(C, 0.0f);
+    for (size_t w = 0; w < 2; ++w)
+      for (size_t c = 0; c < C; ++c) {
+        const size_t i = w * C + c;
+        const auto [a, b] = int4_range(h.counts.data() + i * KvHistograms::kBins, h.lo[i], h.hi[i]);
+        r[2 * w][c] = a;
+        r[2 * w + 1][c] = b;
+      }
+  }
 }
 
 namespace {
@@ -66,11 +154,18 @@ std::vector<KvStaticLayer> kv_static_params(const KvStats& stats, int bits) {
   for (const KvStats::Layer& l : stats.layers) {
     KvStaticLayer p;
     const size_t n = l.s[0].size();
+    if (bits == 4 && l.int4[0].size() != n) fail("KV statistics without int4 ranges (kv_int4_ranges)");
     for (auto* v : {&p.k_scale, &p.k_zero, &p.v_scale, &p.v_zero}) v->resize(n);
     for (size_t i = 0; i < n; ++i) {
-      static_range(l.at(KvStats::kKPreRope, KvStats::kMin)[i], l.at(KvStats::kKPreRope, KvStats::kMax)[i], bits,
-                   &p.k_scale[i], &p.k_zero[i]);
-      static_range(l.at(KvStats::kV, KvStats::kMin)[i], l.at(KvStats::kV, KvStats::kMax)[i], bits, &p.v_scale[i], &p.v_zero[i]);
+      if (bits == 4) {
+        static_range(l.int4[0][i], l.int4[1][i], bits, &p.k_scale[i], &p.k_zero[i]);
+        static_range(l.int4[2][i], l.int4[3][i], bits, &p.v_scale[i], &p.v_zero[i]);
+      } else {
+        static_range(l.at(KvStats::kKPreRope, KvStats::kMin)[i], l.at(KvStats::kKPreRope, KvStats::kMax)[i], bits,
+                     &p.k_scale[i], &p.k_zero[i]);
+        static_range(l.at(KvStats::kV, KvStats::kMin)[i], l.at(KvStats::kV, KvStats::kMax)[i], bits, &p.v_scale[i],
+                     &p.v_zero[i]);
+      }
     }
     out.push_back(std::move(p));
   }
@@ -96,19 +191,35 @@ namespace {
 constexpr const char* kStatNames[KvStats::kStats] = {"k.min",         "k.max",         "k.absmax",
                                                      "k_prerope.min", "k_prerope.max", "k_prerope.absmax",
                                                      "v.min",         "v.max",         "v.absmax"};
+// The int4 ranges, [2 (lo, hi), kv_heads, head_dim] each.
+constexpr const char* kInt4RangeNames[2] = {"k_prerope.int4_range", "v.int4_range"};
 
 }  // namespace
 
 void write_kv_stats(const fs::path& path, const KvStats& stats, const std::map<std::string, std::string>& metadata) {
   std::vector<TensorSpec> specs;
-  for (size_t li = 0; li < stats.layers.size(); ++li)
+  const size_t C = size_t(stats.kv_heads * stats.head_dim);
+  for (size_t li = 0; li < stats.layers.size(); ++li) {
     for (const char* name : kStatNames)
       specs.push_back({fmt::format("layers.{}.{}", li, name), DType::F32, {stats.kv_heads, stats.head_dim}});
+    for (size_t r = 0; r < 4; ++r)
+      if (stats.layers[li].int4[r].size() != C) fail("{}: layer {} has no int4 ranges", path.string(), li);
+    for (const char* name : kInt4RangeNames)
+      specs.push_back({fmt::format("layers.{}.{}", li, name), DType::F32, {2, stats.kv_heads, stats.head_dim}});
+  }
   std::map<std::string, std::string> meta = metadata;
   meta["tokens"] = std::to_string(stats.tokens);
+  constexpr size_t kPerLayer = KvStats::kStats + 2;
   write_safetensors(path, specs, [&](size_t i, uint8_t* dst) {
-    const std::vector<float>& v = stats.layers[i / KvStats::kStats].s[i % KvStats::kStats];
-    std::memcpy(dst, v.data(), v.size() * 4);
+    const KvStats::Layer& l = stats.layers[i / kPerLayer];
+    const size_t which = i % kPerLayer;
+    if (which < KvStats::kStats) {
+      std::memcpy(dst, l.s[which].data(), C * 4);
+    } else {  // [lo; hi] of K before RoPE, or of V
+      const size_t w = which - KvStats::kStats;
+      std::memcpy(dst, l.int4[2 * w].data(), C * 4);
+      std::memcpy(dst + C * 4, l.int4[2 * w + 1].data(), C * 4);
+    }
   }, meta);
 }
 
@@ -124,6 +235,18 @@ KvStats read_kv_stats(const fs::path& path, const TmConfig& cfg) {
         fail("{}: {} is not F32 [{}, {}]", path.string(), name, s.kv_heads, s.head_dim);
       std::vector<float>& v = s.layers[li].s[size_t(which)];
       std::memcpy(v.data(), f.view(*t).data, v.size() * 4);
+    }
+  const size_t C = size_t(s.kv_heads * s.head_dim);
+  for (size_t li = 0; li < s.layers.size(); ++li)
+    for (size_t w = 0; w < 2; ++w) {
+      const std::string name = fmt::format("layers.{}.{}", li, kInt4RangeNames[w]);
+      const TensorInfo* t = f.find(name);
+      if (!t) fail("{}: no tensor {} (written by an older kv-calibrate: calibrate again)", path.string(), name);
+      if (t->dtype != DType::F32 || t->shape != std::vector<int64_t>{2, s.kv_heads, s.head_dim})
+        fail("{}: {} is not F32 [2, {}, {}]", path.string(), name, s.kv_heads, s.head_dim);
+      const float* src = reinterpret_cast<const float*>(f.view(*t).data);
+      s.layers[li].int4[2 * w].assign(src, src + C);
+      s.layers[li].int4[2 * w + 1].assign(src + C, src + 2 * C);
     }
   if (auto it = f.metadata().find("tokens"); it != f.metadata().end()) s.tokens = std::stoll(it->second);
   return s;

@@ -4,9 +4,11 @@
 // Collecting the statistics (running the model) is calib/kv_calibrate.h's.
 //
 // Static parameters, per layer, kv head and channel, separately for K and V (what tm-eval's
-// `--kv-scales static` uses): the channel's calibrated range [min, max] mapped onto the codes,
-//   scale = (max - min) / (2^bits - 1),  zero = min,
-// asymmetric like TurboMind's online scheme but fixed. K's ranges are those of K *before* RoPE
+// `--kv-scales static` uses): a calibrated range [lo, hi] of the channel mapped onto the codes,
+//   scale = (hi - lo) / (2^bits - 1),  zero = lo,
+// asymmetric like TurboMind's online scheme but fixed. int8 takes the observed [min, max]; int4,
+// whose 16 codes an outlier would spread too thin, takes the range of least squared error over
+// the calibration values (a search over per-channel histograms, pass two of the calibration). K's ranges are those of K *before* RoPE
 // (KVQuant's observation), and K is quantized there. Measured on small-llama, int4, 40 chunks of
 // ctx 512 (fp16 KV 135.86, online per-token 139.69):
 //   per head, post-RoPE 160.9 | per channel, post-RoPE 147.6 (143.0 with an MSE clip search)
@@ -32,6 +34,9 @@ struct KvStats {
   static constexpr int kStats = 9;      // 3 tensors x 3 statistics
   struct Layer {
     std::array<std::vector<float>, kStats> s;  // [tensor * 3 + stat][kv_heads * head_dim], kv head major
+    // The int4 ranges [K-before-RoPE lo, hi, V lo, hi], each [kv_heads * head_dim]: empty until
+    // kv_int4_ranges sets them (they are not statistics: merge() drops them).
+    std::array<std::vector<float>, 4> int4;
     std::vector<float>& at(Tensor t, Stat st) { return s[size_t(t * 3 + st)]; }
     const std::vector<float>& at(Tensor t, Stat st) const { return s[size_t(t * 3 + st)]; }
   };
@@ -46,6 +51,36 @@ struct KvStats {
   void observe(int64_t layer, int64_t rows, const float* k_pre_rope, const float* k, const float* v, int64_t stride);
   void merge(const KvStats& other);  // same shape; min/max/absmax are order-independent
 };
+
+// Pass two of a calibration: per layer and channel, histograms of K before RoPE and of V over the
+// range [min, max] that pass one (`ranges`) found; values outside (pass two saw other data, or
+// rounded differently) count in the edge bins.
+struct KvHistograms {
+  static constexpr int kBins = 256;
+  struct Layer {
+    std::vector<float> lo, hi;       // [2 * channels]: K before RoPE, then V
+    std::vector<uint64_t> counts;    // [2 * channels * kBins]
+  };
+  int64_t channels = 0;  // kv_heads * head_dim
+  std::vector<Layer> layers;
+
+  KvHistograms() = default;
+  explicit KvHistograms(const KvStats& ranges);
+  void observe(int64_t layer, int64_t rows, const float* k_pre_rope, const float* v, int64_t stride);
+  void merge(const KvHistograms& other);  // same ranges
+};
+
+// The bin of x in [lo, hi] (hi <= lo: bin 0), as the GPU's kernel computes it.
+inline int kv_hist_bin(float x, float lo, float hi) {
+  if (!(hi > lo)) return 0;
+  const float b = (x - lo) * (float(KvHistograms::kBins) / (hi - lo));
+  return b <= 0.0f ? 0 : b >= float(KvHistograms::kBins - 1) ? KvHistograms::kBins - 1 : int(b);
+}
+
+// Sets every layer's int4 ranges from the histograms: per channel, the [lo, hi] inside [min, max]
+// whose 4-bit quantization has the least squared error over the histogram (bin centres), found
+// by alternating searches of each end over shrinks of 0 .. 45% of the range in 1% steps.
+void kv_int4_ranges(const KvHistograms& hist, KvStats* stats);
 
 // Static parameters of one layer, [kv_heads * head_dim] each (kv head major), for K (before RoPE)
 // and for V: x' = min(max(rint((x - zero) / scale), 0), 2^bits - 1) * scale + zero.
@@ -62,7 +97,7 @@ std::vector<KvStaticLayer> kv_static_params(const KvStats& stats, int bits);
 std::array<float, 4> legacy_kv_scale(const KvStats& stats, int64_t layer, int64_t rank, int64_t tp, int bits);
 
 // kv_stats.safetensors: per layer `layers.{i}.{k,k_prerope,v}.{min,max,absmax}`, fp32 [kv_heads, head_dim],
-// and metadata (tokens, and what the caller adds). Read back with read_kv_stats, which checks
+// `layers.{i}.{k_prerope,v}.int4_range`, fp32 [2 (lo, hi), kv_heads, head_dim], and metadata (tokens, and what the caller adds). Read back with read_kv_stats, which checks
 // every tensor's presence, dtype and shape against the workspace config.
 void write_kv_stats(const fs::path& path, const KvStats& stats, const std::map<std::string, std::string>& metadata);
 KvStats read_kv_stats(const fs::path& path, const TmConfig& cfg);

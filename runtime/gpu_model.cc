@@ -127,6 +127,11 @@ struct RankModel {
   std::vector<DeviceBuffer<float>> kv_static;
   DeviceBuffer<float> kv_stats_d;
   bool collect_kv_stats = false;
+  // Pass two of a calibration: per layer, ranges [lo: 2 n | hi: 2 n] and counts [2 n][bins] of K
+  // before RoPE and V (n = kv heads * D), counted while collect_kv_hist is set.
+  DeviceBuffer<float> kv_hist_ranges;
+  DeviceBuffer<unsigned> kv_hist_d;
+  bool collect_kv_hist = false;
 #ifdef TMKIT_HAVE_NCCL
   ncclComm_t comm = nullptr;  // tp > 1
 #endif
@@ -403,6 +408,10 @@ struct ImplT final : RankModel {
       linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w);
       float* stats = collect_kv_stats ? kv_stats_d.get() + li * 9 * size_t(KV * D) : nullptr;
       if (stats) cuda::kv_stats<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D, true, stats, s);
+      if (collect_kv_hist)
+        cuda::kv_histogram<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D,
+                              kv_hist_ranges.get() + li * 4 * size_t(KV * D),
+                              kv_hist_d.get() + li * 2 * size_t(KV * D) * cuda::kHistBins, s);
       const float* static_kv = kv_static.empty() ? nullptr : kv_static[li].get();
       cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rope_scaling, B, T_, H, KV,
                          D, int(cfg.rotary_embedding), pos0, pos_dev, s, static_kv, kv_bits(kv));
@@ -724,6 +733,45 @@ KvStats GpuModel::kv_stats(const int32_t* tokens, int64_t batch, int64_t T) {
                     out.layers[size_t(li)].s[size_t(st)].begin() + long(r) * kv_r * D);
   });
   return out;
+}
+
+void GpuModel::kv_histograms(const int32_t* tokens, int64_t batch, int64_t T, KvHistograms* hist) {
+  static_assert(cuda::kHistBins == KvHistograms::kBins);
+  const TmConfig& c = impl_->cfg;
+  const int tp = int(impl_->ranks.size()), kv_r = int(c.kv_head_num) / tp, D = int(c.size_per_head);
+  const size_t n = size_t(kv_r * D), C = size_t(hist->channels), bins = KvHistograms::kBins;
+  if (hist->layers.size() != size_t(c.num_layer) || C != size_t(c.kv_head_num * D)) fail("KV histograms do not fit the model");
+  impl_->each([&](int r) {  // this rank's channels: kv heads r kv_r .. (r + 1) kv_r - 1 of K, then of V
+    RankModel& m = *impl_->ranks[size_t(r)];
+    std::vector<float> ranges;
+    for (const KvHistograms::Layer& l : hist->layers)
+      for (const std::vector<float>* v : {&l.lo, &l.hi})
+        for (size_t w = 0; w < 2; ++w) ranges.insert(ranges.end(), v->begin() + long(w * C + r * n), v->begin() + long(w * C + (r + 1) * n));
+    m.kv_hist_ranges.resize(ranges.size());
+    TMKIT_CUDA_CHECK(cudaMemcpy(m.kv_hist_ranges.get(), ranges.data(), ranges.size() * 4, cudaMemcpyHostToDevice));
+    m.kv_hist_d.resize(size_t(c.num_layer) * 2 * n * bins);
+    TMKIT_CUDA_CHECK(cudaMemset(m.kv_hist_d.get(), 0, m.kv_hist_d.size() * sizeof(unsigned)));
+    m.collect_kv_hist = true;
+  });
+  const auto stop = [&] {
+    for (auto& r : impl_->ranks) r->collect_kv_hist = false;
+  };
+  try {
+    impl_->run(tokens, batch, T, /*use_cache=*/false, /*nll_only=*/true);
+  } catch (...) {
+    stop();
+    throw;
+  }
+  stop();
+  impl_->each([&](int r) {
+    std::vector<unsigned> host(size_t(c.num_layer) * 2 * n * bins);
+    TMKIT_CUDA_CHECK(cudaMemcpy(host.data(), impl_->ranks[size_t(r)]->kv_hist_d.get(), host.size() * sizeof(unsigned),
+                                cudaMemcpyDeviceToHost));
+    for (size_t li = 0; li < hist->layers.size(); ++li)
+      for (size_t w = 0; w < 2; ++w)
+        for (size_t j = 0; j < n * bins; ++j)
+          hist->layers[li].counts[(w * C + r * n) * bins + j] += host[(li * 2 + w) * n * bins + j];
+  });
 }
 
 }  // namespace tmkit

@@ -57,6 +57,8 @@ class GpuModel {
   void nll_sums_batch(const int32_t* tokens, int64_t batch, int64_t T, double* sums, double* sums_sq);
   // KV statistics (formats/kv_stats.h) of `batch` sequences of T tokens, reduced on the device.
   KvStats kv_stats(const int32_t* tokens, int64_t batch, int64_t T);
+  // Pass two: counts the same rows into `hist` (over its ranges).
+  void kv_histograms(const int32_t* tokens, int64_t batch, int64_t T, KvHistograms* hist);
 
   // Generation over a KV cache: reset() starts `batch` sequences with room for `capacity` tokens
   // each; append() runs T tokens of every sequence after those already cached (a prompt, then one

@@ -25,6 +25,7 @@ Mat GpuModel::forward_batch(const int32_t*, int64_t, int64_t) { fail("no CUDA");
 void GpuModel::nll_sums(const int32_t*, int64_t, double*, double*) { fail("no CUDA"); }
 void GpuModel::nll_sums_batch(const int32_t*, int64_t, int64_t, double*, double*) { fail("no CUDA"); }
 KvStats GpuModel::kv_stats(const int32_t*, int64_t, int64_t) { fail("no CUDA"); }
+void GpuModel::kv_histograms(const int32_t*, int64_t, int64_t, KvHistograms*) { fail("no CUDA"); }
 void GpuModel::reset(int64_t, int64_t) { fail("no CUDA"); }
 void GpuModel::append(const int32_t*, int64_t) { fail("no CUDA"); }
 Mat GpuModel::last_logits() const { fail("no CUDA"); }

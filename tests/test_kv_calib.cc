@@ -55,6 +55,52 @@ TEST(KvStats, ObserveFoldsMinMaxAbsmaxPerChannel) {
   EXPECT_FLOAT_EQ(legacy[1], -2.0f);
 }
 
+// int4 ranges: a channel of 1000 values spread over [0, 1] and one outlier at 3 gets a range that
+// clips the outlier (the best of the searched ranges: [0.06, 2.31], 2.26 against min/max's 3.33,
+// numpy), and a uniform channel keeps its range but half a code at each end ([-1, 1] -> +-0.94).
+TEST(KvStats, Int4RangesClipOutliersWhereThatLowersTheError) {
+  KvStats s(1, 1, 2);
+  std::vector<float> kr, v;
+  for (int i = 0; i < 1000; ++i) {
+    const float x = float(i) / 999;
+    kr.insert(kr.end(), {x, 2 * x - 1});  // channel 0: [0, 1]; channel 1: [-1, 1]
+    v.insert(v.end(), {x, -x});
+  }
+  kr.insert(kr.end(), {3.0f, 0.0f});
+  v.insert(v.end(), {0.5f, 0.0f});
+  const int64_t rows = int64_t(kr.size() / 2);
+  s.observe(0, rows, kr.data(), kr.data(), v.data(), 2);
+  KvHistograms h(s);
+  h.observe(0, rows, kr.data(), v.data(), 2);
+  uint64_t counted = 0;
+  for (uint64_t c : h.layers[0].counts) counted += c;
+  EXPECT_EQ(counted, uint64_t(4 * rows));
+  EXPECT_THROW(kv_static_params(s, 4), Error);  // no ranges yet
+  kv_int4_ranges(h, &s);
+  const auto& r = s.layers[0].int4;
+  EXPECT_NEAR(r[1][0], 2.31f, 0.1f);  // K channel 0 clipped
+  EXPECT_NEAR(r[0][1], -0.94f, 0.021f);  // K channel 1
+  EXPECT_NEAR(r[1][1], 0.94f, 0.021f);
+  auto sq_error = [&](float lo, float hi) {
+    double e = 0;
+    for (int64_t t = 0; t < rows; ++t) {
+      float x = kr[size_t(2 * t)];
+      const float scale = (hi - lo) / 15, zero = lo;
+      kv_static_fake_quant(&x, 1, &scale, &zero, 4);
+      e += double(x - kr[size_t(2 * t)]) * double(x - kr[size_t(2 * t)]);
+    }
+    return e;
+  };
+  EXPECT_LT(sq_error(r[0][0], r[1][0]), 0.7 * sq_error(0.0f, 3.0f));
+  const auto p = kv_static_params(s, 4);
+  EXPECT_FLOAT_EQ(p[0].k_scale[0], (r[1][0] - r[0][0]) / 15);
+  EXPECT_FLOAT_EQ(p[0].v_zero[1], r[2][1]);
+  // Merging drops the ranges (they belong to the histograms of one set of statistics).
+  KvStats m = s;
+  m.merge(s);
+  EXPECT_TRUE(m.layers[0].int4[0].empty());
+}
+
 // The files agree with the statistics they derive from, and the statistics bound what the oracle
 // computes on the calibration blocks (checked independently through its observer).
 TEST(KvCalibrate, WritesStatisticsStaticScalesAndLegacyFiles) {

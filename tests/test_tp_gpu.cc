@@ -105,6 +105,36 @@ TEST(GpuTp, BiasesAndTpOtherThanTheWorkspaces) {
   EXPECT_LE(test::rel_l2(as_vector(two.forward(ids.data(), 64)), ref), 2e-3);
 }
 
+// KV calibration at tp 2: each rank folds its own kv heads; put together they equal tp 1's
+// statistics and histograms (up to summation order moving a value near an edge).
+TEST(GpuTp, KvStatisticsAndHistogramsEqualTp1) {
+  REQUIRE_TWO_GPUS();
+  const ModelWeights w = load_workspace(workspace("tiny-qwen2", 1));
+  const auto ids = read_tokens(test::reference_dir("tiny-qwen2") / "calib.tokens.i32", w.cfg.vocab_size);
+  GpuModel one(w, KvMode::kFp16, 1), two(w, KvMode::kFp16, 2);
+  const KvStats a = one.kv_stats(ids.data(), 2, 256), b = two.kv_stats(ids.data(), 2, 256);
+  double worst = 0;
+  for (size_t li = 0; li < a.layers.size(); ++li)
+    for (int st = 0; st < KvStats::kStats; ++st)
+      for (size_t c = 0; c < a.layers[li].s[size_t(st)].size(); ++c)
+        worst = std::max(worst, double(std::abs(a.layers[li].s[size_t(st)][c] - b.layers[li].s[size_t(st)][c])));
+  std::printf("tiny-qwen2 KV statistics, tp 2 vs tp 1: worst difference %.3g\n", worst);
+  EXPECT_LT(worst, 2e-2);
+  KvHistograms ha(a), hb(a);
+  one.kv_histograms(ids.data(), 2, 256, &ha);
+  two.kv_histograms(ids.data(), 2, 256, &hb);
+  uint64_t moved = 0, total = 0;
+  for (size_t li = 0; li < ha.layers.size(); ++li)
+    for (size_t j = 0; j < ha.layers[li].counts.size(); ++j) {
+      const uint64_t x = ha.layers[li].counts[j], y = hb.layers[li].counts[j];
+      moved += x > y ? x - y : y - x;
+      total += x;
+    }
+  std::printf("tiny-qwen2 KV histograms, tp 2 vs tp 1: %.2e of the counts in another bin\n", double(moved) / 2 / double(total));
+  EXPECT_EQ(total, uint64_t(ha.layers.size()) * 2 * uint64_t(ha.channels) * 512);
+  EXPECT_LT(double(moved) / 2 / double(total), 1e-2);
+}
+
 // Generation over the KV cache at tp 2: one and two sequences, every attention path, int8 KV too,
 // with the decode graph (all-reduces captured) and without it (TMKIT_DECODE_GRAPH=0); equal to
 // tp 1's cached logits. int8 KV is not held to fp16's bar: tp 2 sums every GEMM output in another

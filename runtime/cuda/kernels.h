@@ -36,6 +36,12 @@ void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scal
 template <typename T>
 void kv_stats(const float* qkv, const T* bias, int rows, int H, int KV, int D, bool pre_rope, float* stats, cudaStream_t s);
 void kv_stats_init(float* stats, int KV, int D, cudaStream_t s);
+// Pass two (formats/kv_stats.h, KvHistograms): rows of qkv before bias_rope (bias added here) counted
+// into counts [2 KV D][kHistBins] (K before RoPE, then V) over ranges [lo: 2 KV D | hi: 2 KV D].
+constexpr int kHistBins = 256;  // KvHistograms::kBins
+template <typename T>
+void kv_histogram(const float* qkv, const T* bias, int rows, int H, int KV, int D, const float* ranges, unsigned* counts,
+                  cudaStream_t s);
 
 // K and V heads of qkv [T, (H + 2KV) D] as the KV cache would give them back (../kv_quant.h): `bits`
 // 8 or 4 quantize and dequantize per token and kv head, 16 rounds to fp16.

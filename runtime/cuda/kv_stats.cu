@@ -1,5 +1,5 @@
 // KV statistics for kv-calibrate: per channel min / max / absmax of K before and after RoPE and of
-// V over all rows of a forward. A thread owns one channel of a slab of rows (threads of a warp
+// V over all rows of a forward (pass one), and histograms of K before RoPE and V (pass two). A thread owns one channel of a slab of rows (threads of a warp
 // read consecutive channels of a row: coalesced) and folds its slab's extremes into the totals
 // with integer atomics on the floats' bit patterns (exact, so the order of slabs does not matter).
 #include "kernels.h"
@@ -50,7 +50,37 @@ __global__ void kv_stats_init_kernel(float* stats, int n) {
   if (i < 9 * n) stats[i] = (i / n) % 3 == 0 ? INFINITY : -INFINITY;
 }
 
+// Pass two: a thread owns one channel (K before RoPE, then V) of a slab of rows and counts each
+// value into the channel's bins (kv_hist_bin's arithmetic); counts are integers, so exact.
+template <typename T>
+__global__ void kv_histogram_kernel(const float* qkv, const T* bias, int rows, int H, int KV, int D, const float* ranges,
+                                    unsigned* counts) {
+  const int n = KV * D, width = (H + 2 * KV) * D;
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  if (ch >= 2 * n) return;
+  const int col = H * D + ch;
+  const int r0 = blockIdx.y * kRowsPerSlab, r1 = min(rows, r0 + kRowsPerSlab);
+  const float b = bias ? to_float(bias[col]) : 0.0f;
+  const float lo = ranges[ch], hi = ranges[2 * n + ch];
+  const float inv = hi > lo ? float(kHistBins) / (hi - lo) : 0.0f;
+  unsigned* mine = counts + size_t(ch) * kHistBins;
+  for (int r = r0; r < r1; ++r) {
+    const float x = qkv[size_t(r) * width + col] + b;
+    const float f = __fmul_rn(__fsub_rn(x, lo), inv);  // no contraction: the CPU's rounding
+    const int bin = f <= 0.0f ? 0 : f >= float(kHistBins - 1) ? kHistBins - 1 : int(f);
+    atomicAdd(mine + bin, 1u);
+  }
+}
+
 }  // namespace
+
+template <typename T>
+void kv_histogram(const float* qkv, const T* bias, int rows, int H, int KV, int D, const float* ranges, unsigned* counts,
+                  cudaStream_t s) {
+  const dim3 grid(unsigned((2 * KV * D + 127) / 128), unsigned((rows + kRowsPerSlab - 1) / kRowsPerSlab));
+  kv_histogram_kernel<<<grid, 128, 0, s>>>(qkv, bias, rows, H, KV, D, ranges, counts);
+  TMKIT_CUDA_LAUNCHED();
+}
 
 template <typename T>
 void kv_stats(const float* qkv, const T* bias, int rows, int H, int KV, int D, bool pre_rope, float* stats, cudaStream_t s) {
@@ -66,6 +96,9 @@ void kv_stats_init(float* stats, int KV, int D, cudaStream_t s) {
   TMKIT_CUDA_LAUNCHED();
 }
 
+template void kv_histogram<__half>(const float*, const __half*, int, int, int, int, const float*, unsigned*, cudaStream_t);
+template void kv_histogram<__nv_bfloat16>(const float*, const __nv_bfloat16*, int, int, int, int, const float*, unsigned*,
+                                          cudaStream_t);
 template void kv_stats<__half>(const float*, const __half*, int, int, int, int, bool, float*, cudaStream_t);
 template void kv_stats<__nv_bfloat16>(const float*, const __nv_bfloat16*, int, int, int, int, bool, float*, cudaStream_t);
 
