@@ -8,13 +8,16 @@
 //   scale = (hi - lo) / (2^bits - 1),  zero = lo,
 // asymmetric like TurboMind's online scheme but fixed. int8 takes the observed [min, max]; int4,
 // whose 16 codes an outlier would spread too thin, takes the range of least squared error over
-// the calibration values (a search over per-channel histograms, pass two of the calibration). K's ranges are those of K *before* RoPE
-// (KVQuant's observation), and K is quantized there. Measured on small-llama, int4, 40 chunks of
-// ctx 512 (fp16 KV 135.86, online per-token 139.69):
-//   per head, post-RoPE 160.9 | per channel, post-RoPE 147.6 (143.0 with an MSE clip search)
-//   per channel, pre-RoPE 139.3 (clip search: 139.6, so none)
-// Why: a channel's pre-RoPE values sit around a large mean; RoPE turns each pair's mean around
+// the calibration values (a search over per-channel histograms, pass two of the calibration).
+// K's ranges are those of K *before* RoPE (KVQuant's observation), and K is quantized there.
+// Measured on small-llama, int4 (docs/performance.md has the tables): with 4 calibration blocks,
+// 40 chunks of ctx 512 (fp16 KV 135.86, online per-token 139.69):
+//   per head, post-RoPE 160.9 | per channel, post-RoPE 147.6 | per channel, pre-RoPE 139.3
+// Why pre-RoPE: a channel's values sit around a large mean; RoPE turns each pair's mean around
 // the circle with the position, so post-RoPE ranges cover +-(|mean| + spread) and waste the codes.
+// Why least squares for int4: over all 128 x 2048 calibration tokens [min, max] reaches rare
+// extremes, and the whole eval text at ctx 512 gave +2.09% over fp16 KV (online: +1.80%); the
+// least-squares ranges give +1.25%. int8's 256 codes lose nothing to the extremes (-0.01%).
 // The legacy files (spec §7.1, lmdeploy <= 0.3) reduce the post-RoPE statistics to one range per
 // rank, as lmdeploy did.
 #pragma once

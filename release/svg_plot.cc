@@ -117,10 +117,10 @@ std::string release_plot_svg(const std::vector<QualityPoint>& quality, const std
       svg += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{0:.1f}\" y2=\"{2:.1f}\" stroke=\"#ddd\"/><text x=\"{0:.1f}\" "
                          "y=\"{3:.1f}\" text-anchor=\"middle\" font-size=\"11\">{4}</text>\n",
                          bx(v), kTop, kTop + h, kTop + h + 15, num(v));
-    const double slot = h / double(speed.size()), bar = std::min(28.0, slot * 0.6);
+    const double slot = h / double(speed.size()), bar = std::min(24.0, slot * 0.45);
     for (size_t i = 0; i < speed.size(); ++i) {
       const SpeedBar& b = speed[i];
-      const double y = kTop + slot * (double(i) + 0.5);
+      const double y = kTop + slot * (double(i) + 0.6);  // the label sits in the slot's top part
       svg += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\"/>\n", bx(0), y - bar / 2,
                          bx(b.tokens_per_second) - bx(0), bar, kColors[i % 8]);
       svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" font-size=\"11\">{} {:.1f}</text>\n", bx(0) + 4, y - bar / 2 - 3,

@@ -502,6 +502,18 @@ struct GpuModel::Impl {
       f(r);
     }, only);
   }
+  // One NLL-only forward with `flag` set on every rank (kv-calibrate's passes), cleared after it,
+  // also when it fails.
+  void run_collecting(bool RankModel::*flag, const int32_t* tokens, int64_t B, int64_t T) {
+    for (auto& r : ranks) r.get()->*flag = true;
+    try {
+      run(tokens, B, T, /*use_cache=*/false, /*nll_only=*/true);
+    } catch (...) {
+      for (auto& r : ranks) r.get()->*flag = false;
+      throw;
+    }
+    for (auto& r : ranks) r.get()->*flag = false;
+  }
   void run(const int32_t* tokens, int64_t B, int64_t T, bool use_cache, bool nll_only) {
     if (!workers) {
       RankModel& m = r0();
@@ -710,18 +722,8 @@ KvStats GpuModel::kv_stats(const int32_t* tokens, int64_t batch, int64_t T) {
     RankModel& m = *impl_->ranks[size_t(r)];
     m.kv_stats_d.resize(size_t(c.num_layer) * per_layer);
     for (int64_t li = 0; li < c.num_layer; ++li) cuda::kv_stats_init(m.kv_stats_d.get() + li * per_layer, kv_r, D, nullptr);
-    m.collect_kv_stats = true;
   });
-  const auto stop = [&] {
-    for (auto& r : impl_->ranks) r->collect_kv_stats = false;
-  };
-  try {
-    impl_->run(tokens, batch, T, /*use_cache=*/false, /*nll_only=*/true);
-  } catch (...) {
-    stop();
-    throw;
-  }
-  stop();
+  impl_->run_collecting(&RankModel::collect_kv_stats, tokens, batch, T);
   KvStats out(c.num_layer, c.kv_head_num, c.size_per_head);
   out.tokens = batch * T;
   impl_->each([&](int r) {
@@ -751,18 +753,8 @@ void GpuModel::kv_histograms(const int32_t* tokens, int64_t batch, int64_t T, Kv
     TMKIT_CUDA_CHECK(cudaMemcpy(m.kv_hist_ranges.get(), ranges.data(), ranges.size() * 4, cudaMemcpyHostToDevice));
     m.kv_hist_d.resize(size_t(c.num_layer) * 2 * n * bins);
     TMKIT_CUDA_CHECK(cudaMemset(m.kv_hist_d.get(), 0, m.kv_hist_d.size() * sizeof(unsigned)));
-    m.collect_kv_hist = true;
   });
-  const auto stop = [&] {
-    for (auto& r : impl_->ranks) r->collect_kv_hist = false;
-  };
-  try {
-    impl_->run(tokens, batch, T, /*use_cache=*/false, /*nll_only=*/true);
-  } catch (...) {
-    stop();
-    throw;
-  }
-  stop();
+  impl_->run_collecting(&RankModel::collect_kv_hist, tokens, batch, T);
   impl_->each([&](int r) {
     std::vector<unsigned> host(size_t(c.num_layer) * 2 * n * bins);
     TMKIT_CUDA_CHECK(cudaMemcpy(host.data(), impl_->ranks[size_t(r)]->kv_hist_d.get(), host.size() * sizeof(unsigned),
