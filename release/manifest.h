@@ -32,9 +32,8 @@ std::string manifest_sha256(const fs::path& path, const std::string& relative);
 // report.json's text as written (two-space JSON, a final newline).
 std::string report_text(const nlohmann::json& report);
 
-// The differences between `files` and what lies under `root` now, one line each ("missing",
-// "size", "sha256 mismatch", "not in the manifest"); empty when they agree. `unlisted_ok`
-// returns true for extra paths that are allowed.
+// The listed files that no longer match what lies under `root`, one line each (missing, another
+// size, another sha256); empty when all match. Files that are not listed are not looked at.
 std::vector<std::string> verify_files(const fs::path& root, const FileTable& files);
 
 nlohmann::json file_table_json(const FileTable& files);

@@ -1,7 +1,12 @@
 #include "pipeline.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "error.h"
@@ -162,6 +167,25 @@ std::string dataset_digest(const std::string& path) {
   return sha256_hex(listing);
 }
 
+// An exclusive lock on a folder for this process's life (flock: released when the process ends,
+// however it ends), so that two runs never write one partial repository.
+class FolderLock {
+ public:
+  explicit FolderLock(const fs::path& dir) : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    if (fd_ < 0) fail("{}: cannot open", dir.string());
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd_);
+      fail("{}: another release-model is writing it", dir.string());
+    }
+  }
+  ~FolderLock() { ::close(fd_); }
+  FolderLock(const FolderLock&) = delete;
+  FolderLock& operator=(const FolderLock&) = delete;
+
+ private:
+  int fd_;
+};
+
 class Pipeline {
  public:
   explicit Pipeline(const ReleaseOptions& o) : o_(o), partial_(o.out.string() + ".partial") {}
@@ -178,6 +202,7 @@ class Pipeline {
   const ReleaseOptions& o_;
   fs::path partial_;
   State state_;
+  std::unique_ptr<FolderLock> lock_;
   bool gpu_ = false;  // the evaluations ran on a GPU (so the benches can)
 };
 
@@ -201,6 +226,7 @@ json Pipeline::run_step(const Step& s, size_t index, size_t count) {
   const auto t0 = std::chrono::steady_clock::now();
   const ProcessResult r = run_process(argv, partial_, out_log, err_log);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log(fmt::format("[{}/{}] {}: {} in {:.2f} s", index, count, s.name, r.status ? "failed" : "done", seconds));
   if (r.status != 0) {
     if (!s.output.empty()) fs::remove_all(partial_ / s.output);
     fail("step {} failed (exit {}): {} [log: {}; {} is kept for --resume]", s.name, r.status,
@@ -230,6 +256,7 @@ void Pipeline::run() {
   }
   state_ = State::fresh(o_);
   if (fs::exists(partial_)) {
+    lock_ = std::make_unique<FolderLock>(partial_);
     if (!o_.resume && !o_.force)
       fail("{} holds an interrupted run: --resume continues it, --force starts over", partial_.string());
     if (o_.resume && fs::exists(partial_ / kStateFile)) {
@@ -249,7 +276,10 @@ void Pipeline::run() {
       fs::remove_all(partial_);
     }
   }
-  fs::create_directories(partial_);
+  if (!fs::exists(partial_)) {
+    fs::create_directories(partial_);
+    lock_ = std::make_unique<FolderLock>(partial_);
+  }
 
   const std::vector<Step> steps = plan(o_);
   bool chain = true;  // every step so far was skipped: a later one may be too
@@ -343,6 +373,15 @@ void run_release(const ReleaseOptions& opt) {
   for (const std::string& d : {opt.calib_dataset, opt.eval_dataset})
     if (!d.empty() && !fs::exists(d)) fail("{}: no such file or folder", d);
   if (opt.eval_dataset.empty()) fail("--eval-dataset is required");
+  // --force and the cleanup of <out>.partial must never delete an input.
+  for (const fs::path& dst : {opt.out, fs::path(opt.out.string() + ".partial")}) {
+    check_not_inside(dst, opt.model, "--out");
+    for (const std::string& d : {opt.calib_dataset, opt.eval_dataset}) {
+      const fs::path a = fs::weakly_canonical(dst), b = fs::weakly_canonical(d);
+      if (!d.empty() && std::mismatch(a.begin(), a.end(), b.begin(), b.end()).first == a.end())
+        fail("--out {}: holds the dataset {}", opt.out.string(), d);
+    }
+  }
   Pipeline(opt).run();
 }
 

@@ -2,6 +2,10 @@
 // pipeline on tiny-qwen2 on the CPU (small calibration): two runs byte-identical but for
 // report.json's generated_at, tm-verify's verdicts, a run killed after the quantize step and
 // resumed, failing steps and bad inputs.
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 #include <fmt/format.h>
 #include <regex>
@@ -191,6 +195,14 @@ TEST_F(Release, AFailedStepIsNamedAndLeavesNoRepository) {
   const auto other = test::run(release_args(f, " --tp 1 --resume"));
   EXPECT_EQ(other.code, 1);
   EXPECT_NE(other.err.find("was started with other options"), std::string::npos) << other.err;
+  // So is a second run while another holds the partial repository (its lock, taken here).
+  const int fd = ::open((f.string() + ".partial").c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  const auto locked = test::run(release_args(f, " --tp 1,2 --resume"));
+  ::close(fd);
+  EXPECT_EQ(locked.code, 1);
+  EXPECT_NE(locked.err.find("another release-model is writing it"), std::string::npos) << locked.err;
 }
 
 TEST(ReleaseModel, BadInputsFailNamingTheProblem) {
@@ -211,6 +223,15 @@ TEST(ReleaseModel, BadInputsFailNamingTheProblem) {
   EXPECT_NE(err(model + " --no-quant --out " + q(tmp / "exists")).find("exists (--force replaces it"), std::string::npos);
   EXPECT_NE(err(model + " --no-quant --calib-dataset " + q(tmp / "missing.txt") + " --out " + q(tmp / "o")).find("missing.txt: no such"),
             std::string::npos);
+  // --force never deletes an input: neither the model nor a dataset may lie inside --out.
+  EXPECT_NE(err(model + " --no-quant --force --out " + q(test::model_dir("tiny-qwen2").parent_path())).find("source model folder"),
+            std::string::npos);
+  write_file(tmp / "exists" / "eval.i32", test::slurp(ref / "eval.tokens.i32"));
+  EXPECT_NE(test::run(test::tool("release-model") + " " + model + " --no-quant --force --device cpu --eval-dataset " +
+                      q(tmp / "exists" / "eval.i32") + " --out " + q(tmp / "exists"))
+                .err.find("holds the dataset"),
+            std::string::npos);
+  EXPECT_TRUE(fs::exists(tmp / "exists" / "eval.i32"));
   EXPECT_FALSE(fs::exists(tmp / "o"));
 }
 
