@@ -67,7 +67,7 @@ std::string command_line(const std::vector<std::string>& argv) {
 
 std::string workspace_name(int64_t tp) { return fmt::format("turbomind-tp{}", tp); }
 
-// What decides the repository's content (checked by --resume): everything but how to run.
+// The options that decide the repository's content: everything but how to run.
 json options_json(const ReleaseOptions& o) {
   return {{"model", o.model.string()},        {"quantize", o.quantize},           {"w_bits", o.w_bits},
           {"group", o.group},                 {"tp", o.tps},                      {"kv_calibrate", o.kv_calibrate},
@@ -153,7 +153,9 @@ void write_atomically(const fs::path& path, const std::string& text) {
 // The state of a partial repository: the options and every finished step.
 struct State {
   json j;
-  static State fresh(const ReleaseOptions& o) { return {json{{"format", "tmkit release state"}, {"options", options_json(o)}, {"steps", json::object()}}}; }
+  static State fresh(const json& inputs) {
+    return {json{{"format", "tmkit release state"}, {"options", inputs}, {"steps", json::object()}}};
+  }
   json* step(const std::string& name) { return j["steps"].contains(name) ? &j["steps"][name] : nullptr; }
   void save(const fs::path& partial) const { write_atomically(partial / kStateFile, j.dump(1) + "\n"); }
 };
@@ -188,7 +190,11 @@ class FolderLock {
 
 class Pipeline {
  public:
-  explicit Pipeline(const ReleaseOptions& o) : o_(o), partial_(o.out.string() + ".partial") {}
+  explicit Pipeline(const ReleaseOptions& o)
+      : o_(o),
+        partial_(o.out.string() + ".partial"),
+        calib_sha256_(o.quantize || o.kv_calibrate ? dataset_digest(o.calib_dataset) : ""),
+        eval_sha256_(dataset_digest(o.eval_dataset)) {}
   void run();
 
  private:
@@ -199,8 +205,18 @@ class Pipeline {
   json run_step(const Step& s, size_t index, size_t count);
   void finish(const std::vector<Step>& steps);
 
+  // What decides the repository: the options and the data's content (a resume over other data
+  // than the interrupted run's is refused).
+  json inputs() const {
+    json j = options_json(o_);
+    j["calib_sha256"] = calib_sha256_;
+    j["eval_sha256"] = eval_sha256_;
+    return j;
+  }
+
   const ReleaseOptions& o_;
   fs::path partial_;
+  std::string calib_sha256_, eval_sha256_;
   State state_;
   std::unique_ptr<FolderLock> lock_;
   bool gpu_ = false;  // the evaluations ran on a GPU (so the benches can)
@@ -254,7 +270,7 @@ void Pipeline::run() {
       return;
     }
   }
-  state_ = State::fresh(o_);
+  state_ = State::fresh(inputs());
   if (fs::exists(partial_)) {
     lock_ = std::make_unique<FolderLock>(partial_);
     if (!o_.resume && !o_.force)
@@ -265,9 +281,9 @@ void Pipeline::run() {
       } catch (const json::exception& e) {
         fail("{}: not valid JSON ({}); remove {} to start over", (partial_ / kStateFile).string(), e.what(), partial_.string());
       }
-      if (state_.j.value("options", json()) != options_json(o_))
-        fail("--resume: {} was started with other options (the model, data, tp, quantization or evaluation settings "
-             "must be the same)", partial_.string());
+      if (state_.j.value("options", json()) != inputs())
+        fail("--resume: {} was started with other options or data (the model, the datasets and their content, tp, "
+             "quantization and evaluation settings must be the same)", partial_.string());
     } else if (o_.resume && fs::exists(partial_ / kManifestFile) && verify_repository(partial_).empty()) {
       fs::rename(partial_, out);  // interrupted between the manifest and the rename
       log(fmt::format("{} completed", out.string()));
@@ -307,8 +323,8 @@ void Pipeline::finish(const std::vector<Step>& steps) {
   f.version = tmkit_version();
   f.model_name = o_.model.lexically_normal().filename().string();
   if (f.model_name.empty()) f.model_name = o_.model.lexically_normal().parent_path().filename().string();
-  f.calib_sha256 = o_.quantize || o_.kv_calibrate ? dataset_digest(o_.calib_dataset) : "";
-  f.eval_sha256 = dataset_digest(o_.eval_dataset);
+  f.calib_sha256 = calib_sha256_;
+  f.eval_sha256 = eval_sha256_;
   f.base_dir = base_workspace(o_);
   for (const Step& s : steps) {
     const json* rec = state_.step(s.name);

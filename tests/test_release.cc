@@ -62,11 +62,12 @@ TEST(ReleasePlot, DrawsEveryPointAndBarAndEscapesLabels) {
 }
 
 // The pipeline's command line on tiny-qwen2 (int4 AWQ + KV calibration, tp 1; CPU).
-std::string release_args(const fs::path& out, const std::string& extra = "") {
+std::string release_args(const fs::path& out, const std::string& extra = "",
+                         const fs::path& eval = test::reference_dir("tiny-qwen2") / "eval.tokens.i32") {
   const fs::path ref = test::reference_dir("tiny-qwen2");
   return test::tool("release-model") + " " + q(test::model_dir("tiny-qwen2")) + " --out " + q(out) +
          " --kv-calibrate --calib-dataset " + q(ref / "calib.tokens.i32") + " --calib-samples 4 --calib-seqlen 256" +
-         " --eval-dataset " + q(ref / "eval.tokens.i32") + " --eval-ctx 256 --eval-chunks 8 --device cpu --no-timings" + extra;
+         " --eval-dataset " + q(eval) + " --eval-ctx 256 --eval-chunks 8 --device cpu --no-timings" + extra;
 }
 
 std::map<std::string, std::string> without_timestamp(std::map<std::string, std::string> files) {
@@ -195,6 +196,17 @@ TEST_F(Release, AFailedStepIsNamedAndLeavesNoRepository) {
   const auto other = test::run(release_args(f, " --tp 1 --resume"));
   EXPECT_EQ(other.code, 1);
   EXPECT_NE(other.err.find("was started with other options"), std::string::npos) << other.err;
+  // And resuming over other data under the same path (the eval text changed since).
+  const fs::path eval = *dir_ / "eval.i32";
+  std::string ids = test::slurp(test::reference_dir("tiny-qwen2") / "eval.tokens.i32");
+  write_file(eval, ids);
+  const fs::path g = *dir_ / "g";
+  EXPECT_EQ(test::run(release_args(g, " --tp 1,2", eval)).code, 1);
+  std::swap(ids[0], ids[4]);
+  write_file(eval, ids);
+  const auto changed = test::run(release_args(g, " --tp 1,2 --resume", eval));
+  EXPECT_EQ(changed.code, 1);
+  EXPECT_NE(changed.err.find("was started with other options or data"), std::string::npos) << changed.err;
   // So is a second run while another holds the partial repository (its lock, taken here).
   const int fd = ::open((f.string() + ".partial").c_str(), O_RDONLY | O_DIRECTORY);
   ASSERT_GE(fd, 0);
