@@ -161,23 +161,27 @@ AtomicOutputDir::~AtomicOutputDir() {
   }
 }
 
-void AtomicOutputDir::commit() {
+void move_into_place(const fs::path& from, const fs::path& dest, bool overwrite) {
   std::error_code ec;
   fs::path old;
-  if (fs::exists(fs::symlink_status(dest_))) {
-    if (!overwrite_) fail("{}: destination exists (use --force to replace it)", dest_.string());
-    old = unique_sibling(dest_, "old");
-    fs::rename(dest_, old, ec);
-    if (ec) fail("{}: cannot move the old destination aside: {}", dest_.string(), ec.message());
+  if (fs::exists(fs::symlink_status(dest))) {
+    if (!overwrite) fail("{}: destination exists (use --force to replace it)", dest.string());
+    old = unique_sibling(dest, "old");
+    fs::rename(dest, old, ec);
+    if (ec) fail("{}: cannot move the old destination aside: {}", dest.string(), ec.message());
   }
-  fs::rename(tmp_, dest_, ec);
+  fs::rename(from, dest, ec);
   if (ec) {
     std::error_code ignored;
-    if (!old.empty()) fs::rename(old, dest_, ignored);
-    fail("{}: cannot rename {} into place: {}", dest_.string(), tmp_.string(), ec.message());
+    if (!old.empty()) fs::rename(old, dest, ignored);
+    fail("{}: cannot rename {} into place: {}", dest.string(), from.string(), ec.message());
   }
-  committed_ = true;
   if (!old.empty()) fs::remove_all(old, ec);
+}
+
+void AtomicOutputDir::commit() {
+  move_into_place(tmp_, dest_, overwrite_);
+  committed_ = true;
 }
 
 AtomicOutputFile::AtomicOutputFile(const fs::path& dest, bool overwrite) : dest_(dest), overwrite_(overwrite) {

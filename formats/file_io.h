@@ -71,6 +71,10 @@ void check_not_inside(const fs::path& dst, const fs::path& src, const std::strin
 // The caller must never write into a mirrored file (it is shared with `src`): replace it instead.
 void mirror_tree(const fs::path& src, const fs::path& dst, const std::function<bool(const fs::path&)>& skip);
 
+// Renames the folder `from` to `dest`. An existing `dest` is refused unless `overwrite`; then it
+// is moved aside first and removed only once `from` is in place (restored if the rename fails).
+void move_into_place(const fs::path& from, const fs::path& dest, bool overwrite);
+
 class AtomicOutputDir {
  public:
   AtomicOutputDir(const fs::path& dest, bool overwrite);

@@ -155,17 +155,15 @@ std::vector<KvStaticLayer> kv_static_params(const KvStats& stats, int bits) {
     KvStaticLayer p;
     const size_t n = l.s[0].size();
     if (bits == 4 && l.int4[0].size() != n) fail("KV statistics without int4 ranges (kv_int4_ranges)");
+    // int8: the observed extremes; int4: the least-squares ranges.
+    const float* k_lo = bits == 4 ? l.int4[0].data() : l.at(KvStats::kKPreRope, KvStats::kMin).data();
+    const float* k_hi = bits == 4 ? l.int4[1].data() : l.at(KvStats::kKPreRope, KvStats::kMax).data();
+    const float* v_lo = bits == 4 ? l.int4[2].data() : l.at(KvStats::kV, KvStats::kMin).data();
+    const float* v_hi = bits == 4 ? l.int4[3].data() : l.at(KvStats::kV, KvStats::kMax).data();
     for (auto* v : {&p.k_scale, &p.k_zero, &p.v_scale, &p.v_zero}) v->resize(n);
     for (size_t i = 0; i < n; ++i) {
-      if (bits == 4) {
-        static_range(l.int4[0][i], l.int4[1][i], bits, &p.k_scale[i], &p.k_zero[i]);
-        static_range(l.int4[2][i], l.int4[3][i], bits, &p.v_scale[i], &p.v_zero[i]);
-      } else {
-        static_range(l.at(KvStats::kKPreRope, KvStats::kMin)[i], l.at(KvStats::kKPreRope, KvStats::kMax)[i], bits,
-                     &p.k_scale[i], &p.k_zero[i]);
-        static_range(l.at(KvStats::kV, KvStats::kMin)[i], l.at(KvStats::kV, KvStats::kMax)[i], bits, &p.v_scale[i],
-                     &p.v_zero[i]);
-      }
+      static_range(k_lo[i], k_hi[i], bits, &p.k_scale[i], &p.k_zero[i]);
+      static_range(v_lo[i], v_hi[i], bits, &p.v_scale[i], &p.v_zero[i]);
     }
     out.push_back(std::move(p));
   }

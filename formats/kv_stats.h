@@ -67,7 +67,6 @@ struct KvHistograms {
   int64_t channels = 0;  // kv_heads * head_dim
   std::vector<Layer> layers;
 
-  KvHistograms() = default;
   explicit KvHistograms(const KvStats& ranges);
   void observe(int64_t layer, int64_t rows, const float* k_pre_rope, const float* v, int64_t stride);
   void merge(const KvHistograms& other);  // same ranges

@@ -1,8 +1,10 @@
 #include "model_card.h"
 
 #include <ctime>
+#include <set>
 
 #include "error.h"
+#include "kv_stats.h"
 #include "safetensors.h"
 #include "svg_plot.h"
 #include "turbomind.h"
@@ -15,19 +17,19 @@ namespace {
 
 bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
 
-// Weight bytes of an artifact: a workspace's weight files (not its config, tokenizer or KV
-// calibration files) or a checkpoint's safetensors.
-uint64_t weight_bytes(const FileTable& files, const std::string& dir) {
+// Weight bytes of the artifact in `dir` (relative to `root`): a workspace's weight files but its
+// config.yaml and KV calibration files; a checkpoint's safetensors.
+uint64_t weight_bytes(const FileTable& files, const fs::path& root, const std::string& dir) {
+  const fs::path weights = weights_dir(root / dir);
+  const bool workspace = fs::exists(weights / "config.yaml");
+  std::set<std::string> skip = {fs::relative(weights / "config.yaml", root).generic_string()};
+  if (workspace)
+    for (const std::string& name : kv_calibration_files(load_tm_config(root / dir)))
+      skip.insert(fs::relative(weights / name, root).generic_string());
+  const std::string prefix = (workspace ? fs::relative(weights, root).generic_string() : dir) + "/";
   uint64_t n = 0;
-  for (const auto& [rel, e] : files) {
-    if (!starts_with(rel, dir + "/")) continue;
-    const std::string name = fs::path(rel).filename().string();
-    const bool tensor = name.ends_with(".weight") || name.ends_with(".qweight") || name.ends_with(".scales") ||
-                        name.ends_with(".zeros") || name.ends_with(".bias") || name.ends_with(".safetensors");
-    const bool kv_file = name.find("past_kv_scale") != std::string::npos || name.find(".kv_int") != std::string::npos ||
-                         name == kKvStatsFile;
-    if (tensor && !kv_file) n += e.size;
-  }
+  for (const auto& [rel, e] : files)
+    if (starts_with(rel, prefix) && !skip.count(rel) && (workspace || rel.ends_with(".safetensors"))) n += e.size;
   return n;
 }
 
@@ -53,14 +55,14 @@ std::string size_text(double bytes) {
   return fmt::format("{:.1f} kB", bytes / 1e3);
 }
 
-}  // namespace
-
 int64_t checkpoint_parameters(const fs::path& dir) {
   const Checkpoint ck(dir);
   int64_t n = 0;
   for (const std::string& name : ck.names()) n += ck.get(name).info->numel();
   return n;
 }
+
+}  // namespace
 
 json release_report(const ReleaseFacts& f, const fs::path& root, bool timings) {
   const json& o = f.options;
@@ -70,7 +72,7 @@ json release_report(const ReleaseFacts& f, const fs::path& root, bool timings) {
   // workspace's are the unquantized workspace's 16-bit elements, since a workspace stores some
   // tensors twice (tied embeddings as both embedding and LM head).
   const int64_t params = checkpoint_parameters(o["model"].get<std::string>());
-  const uint64_t base_bytes = weight_bytes(all, f.base_dir);
+  const uint64_t base_bytes = weight_bytes(all, root, f.base_dir);
   if (!base_bytes || params <= 0) fail("release report: the base workspace {} has no weight files", f.base_dir);
 
   json r = {{"format", "tmkit release report"}, {"version", 1}, {"generated_at", utc_now()},
@@ -89,7 +91,7 @@ json release_report(const ReleaseFacts& f, const fs::path& root, bool timings) {
   auto artifact = [&](const std::string& name, const std::string& dir, bool kept) {
     json a = {{"name", name}, {"path", kept ? json(dir) : json(nullptr)}, {"bytes", total_bytes(all, dir)}};
     const double elements = dir == "hf-awq" ? double(params) : double(base_bytes) / 2;
-    a["bits_per_weight"] = 8.0 * double(weight_bytes(all, dir)) / elements;
+    a["bits_per_weight"] = 8.0 * double(weight_bytes(all, root, dir)) / elements;
     if (dir == "hf-awq") {
       a["kind"] = "hf-awq";
       a["weights"] = fmt::format("int{} g{} (AWQ)", o["w_bits"].get<int>(), o["group"].get<int64_t>());

@@ -145,9 +145,9 @@ std::vector<Step> plan(const ReleaseOptions& o) {
 }
 
 void write_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  write_file(tmp, text);
-  fs::rename(tmp, path);
+  AtomicOutputFile f(path, /*overwrite=*/true);
+  write_file(f.tmp(), text);
+  f.commit();
 }
 
 // The state of a partial repository: the options and every finished step.
@@ -285,7 +285,7 @@ void Pipeline::run() {
         fail("--resume: {} was started with other options or data (the model, the datasets and their content, tp, "
              "quantization and evaluation settings must be the same)", partial_.string());
     } else if (o_.resume && fs::exists(partial_ / kManifestFile) && verify_repository(partial_).empty()) {
-      fs::rename(partial_, out);  // interrupted between the manifest and the rename
+      move_into_place(partial_, out, /*overwrite=*/true);  // interrupted between the manifest and the rename
       log(fmt::format("{} completed", out.string()));
       return;
     } else {
@@ -366,14 +366,8 @@ void Pipeline::finish(const std::vector<Step>& steps) {
   write_file(partial_ / kManifestFile, manifest.dump(2) + "\n");
   const auto problems = verify_repository(partial_);
   if (!problems.empty()) fail("{}: the finished repository does not verify: {}", partial_.string(), problems.front());
-  if (fs::exists(o_.out)) {  // --force: the old one goes only once the new one is complete
-    const fs::path old = unique_sibling(o_.out, "old");
-    fs::rename(o_.out, old);
-    fs::rename(partial_, o_.out);
-    fs::remove_all(old);
-  } else {
-    fs::rename(partial_, o_.out);
-  }
+  // An existing --out is here only with --force: it goes once the new one is in place.
+  move_into_place(partial_, o_.out, /*overwrite=*/true);
   log(fmt::format("wrote {} ({} files); check it with tm-verify", o_.out.string(), manifest["files"].size()));
 }
 

@@ -1,7 +1,8 @@
 // KV statistics for kv-calibrate: per channel min / max / absmax of K before and after RoPE and of
-// V over all rows of a forward (pass one), and histograms of K before RoPE and V (pass two). A thread owns one channel of a slab of rows (threads of a warp
-// read consecutive channels of a row: coalesced) and folds its slab's extremes into the totals
-// with integer atomics on the floats' bit patterns (exact, so the order of slabs does not matter).
+// V over all rows of a forward (pass one), and histograms of K before RoPE and of V (pass two).
+// A thread owns one channel of a slab of rows (threads of a warp read consecutive channels of a
+// row: coalesced) and folds its slab into the totals with integer atomics (on the floats' bit
+// patterns for the extremes): exact, so the order of slabs does not matter.
 #include "kernels.h"
 
 namespace tmkit::cuda {
