@@ -32,13 +32,19 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
   TMKIT_CUDA_CHECK(cudaMemcpy(scales_.get(), w.scales.data(), w.scales.size() * 2, cudaMemcpyHostToDevice));
   TMKIT_CUDA_CHECK(cudaMemcpy(zeros_.get(), w.zeros.data(), w.zeros.size() * 2, cudaMemcpyHostToDevice));
   cuda::w4_pack(raw.get(), K, N, packed_.get(), nullptr);
+  if (N % 16 == 0) {
+    scale_zero_.resize(w.scales.size());
+    cuda::w4_pack_scale_zero(scales_.get(), zeros_.get(), K, N, scale_zero_.get(), nullptr);
+  }
   TMKIT_CUDA_CHECK(cudaDeviceSynchronize());  // `raw` is freed on return
 }
 
 void W4Linear::run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
                    cudaStream_t st, Path path) const {
   switch (choose(M, path)) {
-    case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    case Path::kGemv:
+      if (M <= 16 && N % 16 == 0) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), y, st);
+      return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     default: break;
   }

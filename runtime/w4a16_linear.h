@@ -12,8 +12,9 @@ class W4Linear {
   explicit W4Linear(const Int4Linear& w);
   int K = 0, N = 0;
 
-  // Which kernel computes a product: the split-K GEMV (few rows), the tiled GEMM, or W
-  // dequantized to fp16 + cuBLAS (the only one for zero points that are not integers 0..15).
+  // Which kernel computes a product: for few rows the streaming kernel (N % 16 == 0) or else the
+  // split-K GEMV, the tiled GEMM, or W dequantized to fp16 + cuBLAS (the only one for zero points
+  // that are not integers 0..15).
   enum class Path { kAuto, kGemv, kGemm, kDense };
   // Row counts where kAuto switches, from bench-kernels on an H200 (docs/performance.md): the
   // GEMM wins from 17 rows (the layer's four shapes together) and still at 128; at 512
@@ -30,6 +31,7 @@ class W4Linear {
  private:
   cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_common.cuh
   cuda::DeviceBuffer<__half> scales_, zeros_;  // [K/128, N], as on disk
+  cuda::DeviceBuffer<uint32_t> scale_zero_;     // w4a16_stream's order (N % 16 == 0)
   bool fused_ = true;  // integer zero points: the tensor-core kernels apply
   Path choose(int M, Path path) const {
     if (!fused_) return Path::kDense;

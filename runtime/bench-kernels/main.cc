@@ -1,8 +1,10 @@
 // bench-kernels: W4A16 against the bandwidth ceiling and cuBLAS fp16, measured in one run.
 //   ceiling  a device-to-device copy (bytes read + written per second)
-//   W4A16    tmkit's int4 products: the split-K GEMV (w4a16_gemv.cu, M <= 32) and the tiled GEMM
-//            (w4a16_gemm.cu) in both of their block shapes, and dequantize + cuBLAS
+//   W4A16    tmkit's int4 products: the streaming kernel (w4a16_stream.cu, M <= 16), the split-K
+//            GEMV (w4a16_gemv.cu, M <= 32) and the tiled GEMM (w4a16_gemm.cu) in both of their
+//            block shapes, and dequantize + cuBLAS
 //   cuBLAS   the same product with dense fp16 weights
+//   floor    a kernel that only reads the W4A16 product's bytes (read_floor.cu), launched alike
 // Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
 // events; median of the repetitions. See README.md beside this file.
 #include <cublas_v2.h>
@@ -10,12 +12,14 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels.h"
 #include "error.h"
+#include "read_floor.h"
 
 using tmkit::cuda::DeviceBuffer;
 
@@ -116,6 +120,7 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     const size_t l2 = size_t(prop.l2CacheSize);
+    bool failed = false;  // a kernel variant gave another result
 
     // Ceiling: a 2 GiB device-to-device copy.
     const size_t copy_bytes = size_t(1) << 31;
@@ -127,22 +132,30 @@ int main(int argc, char** argv) {
     cublasHandle_t blas;
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
-    std::printf("| K x N | M | gemv us (v0 / v1) | gemm us (v0 / v1) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
-                "cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| K x N | M | stream us (v0 / v1) | gemv us (v0 / v1) | gemm us (v0 / v1) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
+                "cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|---|---|---|\n");
     const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
       const int copies = int(std::max<size_t>(2, 3 * l2 / w4_bytes + 1)), dense_copies = int(std::max<size_t>(2, 3 * l2 / dense_bytes + 1));
-      std::vector<DeviceBuffer<uint32_t>> qw(static_cast<size_t>(copies));
+      std::vector<DeviceBuffer<uint32_t>> qw(static_cast<size_t>(copies)), sz(static_cast<size_t>(copies));
       std::vector<DeviceBuffer<__half>> sc(static_cast<size_t>(copies)), zr(static_cast<size_t>(copies)),
           dense(static_cast<size_t>(dense_copies));
       for (int c = 0; c < copies; ++c) {
         fill_random(qw[size_t(c)], size_t(K) * N / 8, uint32_t(c + 1));
         fill_random(sc[size_t(c)], size_t(K / 128) * N, uint32_t(c + 7));
         fill_random(zr[size_t(c)], size_t(K / 128) * N, uint32_t(c + 9));
+        sz[size_t(c)].resize(size_t(K / 128) * N);
+        tmkit::cuda::w4_pack_scale_zero(sc[size_t(c)].get(), zr[size_t(c)].get(), K, N, sz[size_t(c)].get(), nullptr);
       }
       for (int c = 0; c < dense_copies; ++c) fill_random(dense[size_t(c)], size_t(K) * N, uint32_t(c + 3));
       DeviceBuffer<__half> scratch(size_t(K) * N);
+      std::vector<DeviceBuffer<char>> raw(static_cast<size_t>(copies));
+      for (auto& r : raw) r.resize(w4_bytes);
+      DeviceBuffer<uint32_t> sink(size_t(4 * tmkit::cuda::sm_count()));
+      const double floor_ms = median_ms(reps, [&](int i, cudaStream_t st) {
+        read_floor(raw[size_t(i % copies)].get(), w4_bytes / 16 * 16, sink.get(), st);
+      });
       for (int M : ms) {
         DeviceBuffer<__half> x;
         fill_random(x, size_t(M) * K, 5);
@@ -155,7 +168,38 @@ int main(int argc, char** argv) {
           });
         };
         const double inf = 1e30;
-        double gemv_ms[2] = {inf, inf}, gemm_ms[2] = {inf, inf};
+        double stream_ms[2] = {inf, inf}, gemv_ms[2] = {inf, inf}, gemm_ms[2] = {inf, inf};
+        // The streaming kernel must give the split-K GEMV's result (same arithmetic, other order; the
+        // random zeros here are not integers, so the dequantized product is no reference).
+        auto host_y = [&] {
+          std::vector<float> h(size_t(M) * N);
+          TMKIT_CUDA_CHECK(cudaMemcpy(h.data(), y.get(), h.size() * 4, cudaMemcpyDeviceToHost));
+          return h;
+        };
+        std::vector<float> ref;
+        bool wrong[2] = {};
+        if (M <= 16) {
+          tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[0].get(), sc[0].get(), zr[0].get(), y.get(), nullptr);
+          ref = host_y();
+        }
+        for (int v = 0; v < 2 && M <= 16; ++v) {
+          TMKIT_CUDA_CHECK(cudaMemset(y.get(), 0, size_t(M) * N * 4));
+          tmkit::cuda::w4a16_stream(x.get(), M, K, N, qw[0].get(), sz[0].get(), y.get(), nullptr, v);
+          const std::vector<float> got = host_y();
+          double num = 0, den = 0;
+          for (size_t i = 0; i < got.size(); ++i) num += double(got[i] - ref[i]) * (got[i] - ref[i]), den += double(ref[i]) * ref[i];
+          wrong[v] = !(num <= 1e-10 * den);
+          if (wrong[v]) {
+            std::fprintf(stderr, "bench-kernels: w4a16_stream variant %d differs from w4a16_gemv at %d x %d, M = %d: rel-L2 %.3g\n",
+                         v, K, N, M, std::sqrt(num / den));
+            failed = true;
+          }
+        }
+        for (int v = 0; v < 2 && M <= 16; ++v)
+          if (!wrong[v]) stream_ms[v] = median_ms(reps, [&](int i, cudaStream_t st) {
+            const size_t c = size_t(i % copies);
+            tmkit::cuda::w4a16_stream(x.get(), M, K, N, qw[c].get(), sz[c].get(), y.get(), st, v);
+          });
         for (int v = 0; v < 2; ++v) {
           if (M <= 32)
             gemv_ms[v] = time_w4([&](const uint32_t* q, const __half* s, const __half* z, cudaStream_t st) {
@@ -171,7 +215,7 @@ int main(int argc, char** argv) {
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
                        K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         });
-        const double w4_ms = std::min({gemv_ms[0], gemv_ms[1], gemm_ms[0], gemm_ms[1], dequant_ms});
+        const double w4_ms = std::min({stream_ms[0], stream_ms[1], gemv_ms[0], gemv_ms[1], gemm_ms[0], gemm_ms[1], dequant_ms});
         const double blas_ms = median_ms(reps, [&](int i, cudaStream_t st) {
           cublasSetStream(blas, st);
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[size_t(i % dense_copies)].get(), CUDA_R_16F, N,
@@ -181,9 +225,11 @@ int main(int argc, char** argv) {
         const double bytes = double(w4_bytes) + 2.0 * M * K + 4.0 * M * N;
         const double gbs = bytes / (w4_ms * 1e-3) / 1e9;
         auto us = [](double t) { return t >= 1e29 ? std::string("-") : fmt_us(t); };
-        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.2fx |\n", K, N, M,
-                    us(gemv_ms[0]).c_str(), us(gemv_ms[1]).c_str(), us(gemm_ms[0]).c_str(), us(gemm_ms[1]).c_str(),
-                    us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, blas_ms * 1e3, blas_ms / w4_ms);
+        auto stream_us = [&](int v) { return wrong[v] ? std::string("wrong") : us(stream_ms[v]); };
+        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx |\n", K, N, M,
+                    stream_us(0).c_str(), stream_us(1).c_str(), us(gemv_ms[0]).c_str(), us(gemv_ms[1]).c_str(), us(gemm_ms[0]).c_str(), us(gemm_ms[1]).c_str(),
+                    us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, floor_ms * 1e3, 100 * floor_ms / w4_ms, blas_ms * 1e3,
+                    blas_ms / w4_ms);
       }
     }
 
@@ -209,7 +255,7 @@ int main(int argc, char** argv) {
     }
     std::printf("| layer mix | %d | %.1f | %.0f |\n", gemm_rows, ms_all * 1e3, flops_all / (ms_all * 1e-3) / 1e12);
     cublasDestroy(blas);
-    return 0;
+    return failed ? 1 : 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench-kernels: error: %s\n", e.what());
     return 1;

@@ -6,7 +6,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "error.h"
@@ -71,6 +73,27 @@ inline void require_device_memory(size_t needed, size_t held, const std::string&
   if (needed > free + held)
     fail("{}: needs {:.1f} MiB of device memory, {:.1f} MiB available", what, double(needed) / (1 << 20),
          double(free + held) / (1 << 20));
+}
+
+// Multiprocessors of the current device (persistent grids size themselves by it).
+inline int sm_count() {
+  int dev = 0, count = 0;
+  TMKIT_CUDA_CHECK(cudaGetDevice(&dev));
+  TMKIT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+  return count;
+}
+
+// Lets `Kernel` take `bytes` of dynamic shared memory (more than the default 48 KiB needs it): an
+// attribute of each device's copy of the kernel, so set once per kernel and device (tensor
+// parallelism runs it on several).
+template <auto Kernel>
+void allow_dynamic_smem(int bytes) {
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  TMKIT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && (configured.load() >> dev & 1)) return;
+  TMKIT_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dev < 64) configured.fetch_or(uint64_t(1) << dev);
 }
 
 template <typename T> struct TypeOf;

@@ -68,13 +68,19 @@ void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, in
 // w4a16_common.cuh) with fp16 scales and integer zeros [K/128, N]; K % 128 == 0, N % 8 == 0.
 // `variant` 0 or 1 picks one of two block shapes per row range (bench-kernels times both).
 // w4a16_gemv: M <= 32, warps split K (w4a16_gemv.cu); w4a16_gemm: any M, tiles through shared
-// memory (w4a16_gemm.cu). W4Linear (../w4a16_linear.h) chooses between them.
+// memory (w4a16_gemm.cu); w4a16_stream below. W4Linear (../w4a16_linear.h) chooses between them.
 void w4a16_gemv(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                 float* y, cudaStream_t s, int variant = 0);
 void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                 float* y, cudaStream_t s, int variant = 0);
+// M <= 16, N % 16 == 0: the weights streamed through shared memory by a persistent grid
+// (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them.
+void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                  cudaStream_t s, int variant = 0);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
+// scales and zeros [K/128, N] -> w4a16_stream's order (K / 128 * N words); N % 16 == 0.
+void w4_pack_scale_zero(const __half* scales, const __half* zeros, int K, int N, uint32_t* scale_zero, cudaStream_t s);
 // The packed int4 linear as dense fp16 w[K, N] (for the dense GEMM of long inputs).
 void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __half* zeros, int K, int N, __half* w,
                        cudaStream_t s);

@@ -21,7 +21,6 @@
 // values (one rounding each): with many rows the per-group fp32 rescaling of the accumulators
 // cost more registers and instructions than the dequantization itself.
 // Rows past M load zeros (cp.async's zero fill) and are not stored; column tiles past N likewise.
-#include <atomic>
 #include "kernels.h"
 #include "w4a16_common.cuh"
 
@@ -156,30 +155,11 @@ template <int MT, int WM, int NT, int S>
 void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
             float* y, cudaStream_t s) {
   using Shape = GemmShape<MT, WM, NT, S>;
-  // More than the default 48 KiB of shared memory: an attribute of each device's copy of the
-  // kernel, so once per instantiation and device (tensor parallelism runs it on several).
-  static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  TMKIT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64 || !(configured.load() >> dev & 1)) {
-    TMKIT_CUDA_CHECK(cudaFuncSetAttribute(w4a16_gemm_kernel<MT, WM, NT, S>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem)));
-    if (dev < 64) configured.fetch_or(uint64_t(1) << dev);
-  }
+  allow_dynamic_smem<w4a16_gemm_kernel<MT, WM, NT, S>>(Shape::kSmem);
   const dim3 grid(unsigned((M + Shape::kBM - 1) / Shape::kBM), unsigned((N / 8 + Shape::kBT - 1) / Shape::kBT));
   w4a16_gemm_kernel<MT, WM, NT, S><<<grid, kWarps * 32, Shape::kSmem, s>>>(
       x, M, K, N, reinterpret_cast<const uint4*>(packed), scales, zeros, y);
   TMKIT_CUDA_LAUNCHED();
-}
-
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, count = 0;
-    TMKIT_CUDA_CHECK(cudaGetDevice(&dev));
-    TMKIT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-    return count;
-  }();
-  return n;
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// The packed int4 layout's two conversions (layout: w4a16_common.cuh): TurboMind's v0.6 qweight
-// into it at load time, and back out to dense fp16 for the dequantize + cuBLAS path.
+// The packed int4 layout's conversions (layout: w4a16_common.cuh): TurboMind's v0.6 qweight into it
+// at load time (and the scales and zeros into w4a16_stream.cu's order), and back out to dense fp16
+// for the dequantize + cuBLAS path.
 #include "kernels.h"
 #include "w4a16_common.cuh"
 
@@ -42,6 +43,18 @@ __global__ void w4_dequant_packed_kernel(const uint32_t* __restrict__ packed, co
     w[(kk * 8 + e) * N + n] = __float2half_rn((float((word >> (4 * kNibble[e])) & 0xfu) - z) * s);
 }
 
+// scale_zero[(u * groups + grp) * 8 + g] = {half2(s, z) of column 16u + g, of column 16u + 8 + g}
+// (the layout of w4a16_stream.cu), one entry per thread.
+__global__ void w4_pack_scale_zero_kernel(const __half* __restrict__ scales, const __half* __restrict__ zeros, int K,
+                                          int N, uint2* __restrict__ scale_zero) {
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x, groups = size_t(K) / kGroup;
+  if (i >= groups * N / 2) return;
+  const size_t g = i % 8, grp = (i / 8) % groups, u = i / 8 / groups;
+  const size_t a = grp * N + 16 * u + g, b = a + 8;
+  const __half2 sa = __halves2half2(scales[a], zeros[a]), sb = __halves2half2(scales[b], zeros[b]);
+  scale_zero[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&sa), *reinterpret_cast<const uint32_t*>(&sb));
+}
+
 }  // namespace
 
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s) {
@@ -55,6 +68,14 @@ void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __hal
                        cudaStream_t s) {
   const size_t threads = size_t(K) / 8 * N;
   w4_dequant_packed_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(packed, scales, zeros, K, N, w);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+void w4_pack_scale_zero(const __half* scales, const __half* zeros, int K, int N, uint32_t* scale_zero, cudaStream_t s) {
+  if (K % kGroup || N % 16) fail("w4_pack_scale_zero: K = {} must be a multiple of {} and N = {} of 16", K, kGroup, N);
+  const size_t entries = size_t(K) / kGroup * N / 2;
+  w4_pack_scale_zero_kernel<<<unsigned((entries + 255) / 256), 256, 0, s>>>(scales, zeros, K, N,
+                                                                             reinterpret_cast<uint2*>(scale_zero));
   TMKIT_CUDA_LAUNCHED();
 }
 

@@ -1,0 +1,198 @@
+// W4A16 for decode and small batches (M <= 16, N % 16 == 0): a persistent kernel that streams the
+// weights through shared memory with the bulk copy engine.
+// Y[M, N] (fp32) = X[M, K] (fp16) * W[K, N], W int4 packed as w4a16_common.cuh explains.
+//
+// Why: at M = 1 the product is a read of the weights and little else. Loads into registers (the
+// split-K GEMV this replaced) pay the memory latency again at the start of every block of a few
+// KB; here one producer thread per block keeps S stages of ~8.5 KB in flight per column pair and,
+// the grid being persistent, the ring runs on from one unit of work to the next.
+//
+// Work: units of P column pairs (16P columns: tiles 2p, 2p + 1 of each pair) x all of K, dealt
+// round-robin to the blocks (no split-K, no second pass; 4096 columns at P = 1: 256 units on
+// 132 SMs). A unit's K runs in chunks of 8 groups (1024 rows); chunk = one stage of the ring, per
+// pair [tile 2p: the chunk's groups x 512 B][tile 2p + 1: the same][scale/zero: groups x 64 B],
+// each part a contiguous range of the packed arrays: 3P bulk copies fill a stage.
+// Consumer warp w takes group g0 + w of every chunk with swapped mma operands: A = W^T (16
+// columns: the lane's column g of tiles 2p and 2p + 1, whose B-fragment pairs are exactly A's
+// a0/a2 and a1/a3), B = x^T (8 rows of x per mma: lane (g, c) holds row g's pairs {2c, 2c+1},
+// {2c+8, 2c+9} of a k-tile), so one mma covers 256 weights and each x register feeds P pairs. The
+// scale applies per group in fp32 to the mma sums (exact). At the unit's end the 8 warps' partial
+// sums meet in shared memory and are added in warp order (deterministic).
+//
+// Measured on an H200 (bench-kernels, docs/performance.md): 3 blocks of 3 stages per SM at M <= 8
+// (more warps beat deeper rings: the consumers, ~170 instructions per KB, are the limit, not the
+// bytes in flight); P = 2 with one block of 6 stages at M = 9..16, where x is twice the work and
+// sharing it across pairs pays. Dropped: releasing a stage as soon as the warp has its bytes in
+// registers (a proxy fence per stage; 0-13% slower), P = 2 at M = 1.
+//
+// Scale/zero layout (w4_pack_scale_zero): per (pair, group) 8 uint2, entry g = {half2(scale, zero)
+// of column 16p + g, half2(scale, zero) of column 16p + 8 + g}: lane (g, c) reads its two columns'
+// constants in one 8-byte load.
+#include "kernels.h"
+#include "w4a16_common.cuh"
+
+namespace tmkit::cuda {
+
+namespace {
+
+using namespace w4;
+
+constexpr int kConsumers = kWarps, kChunkGroups = kConsumers;  // one group per consumer warp and stage
+constexpr int kTileChunkBytes = kChunkGroups * 512, kScaleChunkBytes = kChunkGroups * 64;
+
+// P column pairs per unit (16P columns): the pairs of a group share the warp's x registers.
+template <int MB, int S, int P>
+struct StreamShape {
+  static constexpr int kStageBytes = P * (2 * kTileChunkBytes + kScaleChunkBytes);
+  static constexpr int kRegs = MB * P * 4;                        // accumulators per lane
+  static constexpr int kRedFloats = 2 * kConsumers * kRegs * 32;  // double-buffered
+  static constexpr int kSmem = S * kStageBytes + 2 * S * 8 + kRedFloats * 4;
+};
+
+// MB row blocks of 8 (M <= 8: 1, M <= 16: 2), S stages, kBlocksPerSm blocks per SM, P column
+// pairs per unit.
+template <int MB, int S, int kBlocksPerSm, int P>
+__global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
+    w4a16_stream_kernel(const __half* __restrict__ x, int M, int K, int N, const uint4* __restrict__ packed,
+                        const uint2* __restrict__ scale_zero, float* __restrict__ y) {
+  using Shape = StreamShape<MB, S, P>;
+  constexpr int kStageBytes = Shape::kStageBytes;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * kStageBytes);
+  uint64_t* empty = full + S;
+  float* red = reinterpret_cast<float*>(empty + S);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = K / kGroup, chunks = (groups + kChunkGroups - 1) / kChunkGroups, units = N / (16 * P);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumers);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  // Stage layout: per pair p, [tile 2p: the chunk's groups x 512 B][tile 2p + 1][scale/zero].
+  constexpr int kPairBytes = 2 * kTileChunkBytes + kScaleChunkBytes;
+  if (warp == kConsumers) {  // the producer: one thread issues every copy of the block
+    if (lane != 0) return;
+    int it = 0;
+    for (int u = blockIdx.x; u < units; u += gridDim.x)
+      for (int ch = 0; ch < chunks; ++ch, ++it) {
+        const int s = it % S, g0 = ch * kChunkGroups, ng = min(kChunkGroups, groups - g0);
+        mbar_wait(&empty[s], ((it / S) & 1) ^ 1);
+        uint8_t* stage = smem + s * kStageBytes;
+        mbar_arrive_expect_tx(&full[s], uint32_t(P * ng) * (2 * 512 + 64));
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const int pair = P * u + p;
+          for (int t = 0; t < 2; ++t)
+            bulk_copy(stage + p * kPairBytes + t * kTileChunkBytes, packed + (size_t(2 * pair + t) * groups + g0) * 32,
+                      ng * 512, &full[s]);
+          bulk_copy(stage + p * kPairBytes + 2 * kTileChunkBytes, scale_zero + (size_t(pair) * groups + g0) * 8, ng * 64,
+                    &full[s]);
+        }
+      }
+    return;
+  }
+
+  const int g = lane / 4, c = lane % 4;
+  int it = 0, parity = 0;
+  for (int u = blockIdx.x; u < units; u += gridDim.x, parity ^= 1) {
+    float acc[MB][P][4] = {};
+    for (int ch = 0; ch < chunks; ++ch, ++it) {
+      const int s = it % S, grp = ch * kChunkGroups + warp;
+      const bool mine = grp < groups;  // uniform across the warp
+      // x before the wait: it does not depend on the stage. Rows g (+ 8), physical k = 32c ..
+      // 32c + 31; rows past M read row M - 1 (their outputs are never stored).
+      uint4 xr[MB][4];
+      if (mine)
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          const uint4* src = reinterpret_cast<const uint4*>(x + size_t(min(8 * mb + g, M - 1)) * K + grp * kGroup + 32 * c);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) xr[mb][j] = __ldg(src + j);
+        }
+      mbar_wait(&full[s], (it / S) & 1);
+      if (mine) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const uint8_t* pair = smem + s * kStageBytes + p * kPairBytes;
+          const uint4 q0 = reinterpret_cast<const uint4*>(pair)[warp * 32 + lane];
+          const uint4 q1 = reinterpret_cast<const uint4*>(pair + kTileChunkBytes)[warp * 32 + lane];
+          const uint2 sz = reinterpret_cast<const uint2*>(pair + 2 * kTileChunkBytes)[warp * 8 + g];
+          const __half2 sz0 = as_h2(sz.x), sz1 = as_h2(sz.y);
+          const Zero z0(__high2half(sz0)), z1(__high2half(sz1));
+          float even[MB][4] = {}, odd[MB][4] = {};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t b0[4], b1[4];
+            dequant_word(word(q0, j), z0, b0);
+            dequant_word(word(q1, j), z1, b1);
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+              mma16816(even[mb], b0[0], b1[0], b0[1], b1[1], xr[mb][j].x, xr[mb][j].y);  // k-tile 2j
+              mma16816(odd[mb], b0[2], b1[2], b0[3], b1[3], xr[mb][j].z, xr[mb][j].w);   // k-tile 2j + 1
+            }
+          }
+          const float s0 = __low2float(sz0), s1 = __low2float(sz1);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            acc[mb][p][0] += s0 * (even[mb][0] + odd[mb][0]);
+            acc[mb][p][1] += s0 * (even[mb][1] + odd[mb][1]);
+            acc[mb][p][2] += s1 * (even[mb][2] + odd[mb][2]);
+            acc[mb][p][3] += s1 * (even[mb][3] + odd[mb][3]);
+          }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+
+    // The warps' partials of the unit's outputs, in a buffer that alternates with the unit: the
+    // one barrier per unit keeps a warp from reaching the next-but-one unit's reduction early.
+    constexpr int kRegs = Shape::kRegs;
+    float* r = red + parity * kConsumers * kRegs * 32;
+    const float* a = &acc[0][0][0];
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) r[(warp * kRegs + i) * 32 + lane] = a[i];
+    asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory");
+    for (int idx = threadIdx.x; idx < kRegs * 32; idx += kConsumers * 32) {
+      const int i = idx / 32, l = idx % 32, mb = i / (4 * P), p = (i / 4) % P;
+      const int row = 8 * mb + 2 * (l % 4) + (i & 1), col = 16 * (P * u + p) + ((i % 4) >= 2 ? 8 : 0) + l / 4;
+      if (row >= M) continue;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kConsumers; ++w) sum += r[(w * kRegs + i) * 32 + l];
+      y[size_t(row) * N + col] = sum;
+    }
+  }
+}
+
+template <int MB, int S, int kBlocksPerSm, int P>
+void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+            cudaStream_t s) {
+  constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P>;
+  constexpr int smem = StreamShape<MB, S, P>::kSmem;
+  allow_dynamic_smem<kernel>(smem);
+  const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
+  kernel<<<unsigned(blocks), (kConsumers + 1) * 32, smem, s>>>(x, M, K, N, reinterpret_cast<const uint4*>(packed),
+                                                              reinterpret_cast<const uint2*>(scale_zero), y);
+  TMKIT_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                  cudaStream_t s, int variant) {
+  if (M < 1 || M > 16 || K % kGroup || N % 16)
+    fail("w4a16_stream: unsupported shape M={} K={} N={} (M <= 16, K % 128, N % 16)", M, K, N);
+  // Variant 1: bench-kernels' comparison, 2 blocks of 4 stages per SM with one pair per unit.
+  if (M <= 8) return variant == 1 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, y, s)
+                                  : launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, y, s);
+  if (variant == 1 || N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, y, s);
+  launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, y, s);
+}
+
+}  // namespace tmkit::cuda
