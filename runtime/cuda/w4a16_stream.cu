@@ -39,11 +39,13 @@ using namespace w4;
 
 constexpr int kConsumers = kWarps, kChunkGroups = kConsumers;  // one group per consumer warp and stage
 constexpr int kTileChunkBytes = kChunkGroups * 512, kScaleChunkBytes = kChunkGroups * 64;
+// A stage, per pair p: [tile 2p: the chunk's groups x 512 B][tile 2p + 1][scale/zero].
+constexpr int kPairBytes = 2 * kTileChunkBytes + kScaleChunkBytes;
 
 // P column pairs per unit (16P columns): the pairs of a group share the warp's x registers.
 template <int MB, int S, int P>
 struct StreamShape {
-  static constexpr int kStageBytes = P * (2 * kTileChunkBytes + kScaleChunkBytes);
+  static constexpr int kStageBytes = P * kPairBytes;
   static constexpr int kRegs = MB * P * 4;                        // accumulators per lane
   static constexpr int kRedFloats = 2 * kConsumers * kRegs * 32;  // double-buffered
   static constexpr int kSmem = S * kStageBytes + 2 * S * 8 + kRedFloats * 4;
@@ -73,8 +75,6 @@ __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
   }
   __syncthreads();
 
-  // Stage layout: per pair p, [tile 2p: the chunk's groups x 512 B][tile 2p + 1][scale/zero].
-  constexpr int kPairBytes = 2 * kTileChunkBytes + kScaleChunkBytes;
   if (warp == kConsumers) {  // the producer: one thread issues every copy of the block
     if (lane != 0) return;
     int it = 0;
