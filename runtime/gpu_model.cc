@@ -214,6 +214,7 @@ struct ImplT final : RankModel {
     cuda::require_device_memory(scratch * 4, decode_scratch.size() * 4,
                                 fmt::format("decode scratch for {} sequences x {} tokens", batch, cap));
     moved |= decode_scratch.resize(scratch);
+    TMKIT_CUDA_CHECK(cudaMemset(decode_scratch.get(), 0, scratch * 4));  // attention_decode's counters start at 0
     // The graph holds the cache's addresses, its batch, and a grid sized by the capacity.
     if (moved || cap != capacity || batch != cache_batch) drop_graph();
     capacity = cap;
@@ -251,6 +252,19 @@ struct ImplT final : RankModel {
       if (lw.bo.size()) l.bo = upload<T>(lw.bo);
       layers.push_back(std::move(l));
     }
+    size_t gemv_floats = 0;  // dense_gemv's scratch for the largest linear (shared by all: one at a time)
+    const int hid = int(cfg.hidden_units), qd = int(cfg.head_num * cfg.size_per_head);
+    const int qkv_w = int((cfg.head_num + 2 * cfg.kv_head_num) * cfg.size_per_head);
+    for (size_t li = 0; li < layers.size(); ++li) {
+      if (layers[li].qkv4) continue;
+      const int I = int(cfg.inter_size[li]);
+      for (auto [K, N] : {std::pair{hid, qkv_w}, std::pair{qd, hid}, std::pair{hid, 2 * I}, std::pair{I, hid}})
+        gemv_floats = std::max(gemv_floats, cuda::dense_gemv_scratch_floats(cuda::kDenseGemvMaxRows, K, N));
+    }
+    if (gemv_floats) {
+      gemv_scratch.resize(gemv_floats);
+      TMKIT_CUDA_CHECK(cudaMemset(gemv_scratch.get(), 0, gemv_floats * 4));  // its counters start at 0
+    }
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     TMKIT_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: plain cudaMemcpy calls still order after its work
     TMKIT_CUBLAS_CHECK(cublasSetStream(blas, stream));
@@ -264,13 +278,22 @@ struct ImplT final : RankModel {
   }
 
   // Y[M, N] (fp32) = X[M, K] * W[K, N], all row-major (cuBLAS sees the transposes, column-major).
+  // Decode steps' few rows go to dense_gemv (TMKIT_DENSE_GEMV=0: cuBLAS, for comparison).
   void gemm(const T* X, const T* W, float* Y, int M, int K, int N, bool w_transposed = false) {
+    if (!w_transposed && M <= cuda::kDenseGemvMaxRows && N % 8 == 0 && dense_gemv_on)
+      return cuda::dense_gemv<T>(X, M, K, N, W, Y, gemv_scratch.get(), stream);
     const float one = 1.0f, zero = 0.0f;
     constexpr cudaDataType_t t = cuda::TypeOf<T>::value;
     TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, W, t,
                                     w_transposed ? K : N, X, t, K, &zero, Y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
   }
+
+  const bool dense_gemv_on = [] {
+    const char* e = std::getenv("TMKIT_DENSE_GEMV");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  DeviceBuffer<float> gemv_scratch;  // dense_gemv's, for every dense linear of the model
 
   // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
   DeviceBuffer<__half> w4_dense;
@@ -412,13 +435,17 @@ struct ImplT final : RankModel {
         cuda::kv_histogram<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D,
                               kv_hist_ranges.get() + li * 4 * size_t(KV * D),
                               kv_hist_d.get() + li * 2 * size_t(KV * D) * cuda::kHistBins, s);
-      const float* static_kv = kv_static.empty() ? nullptr : kv_static[li].get();
-      cuda::bias_rope<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, inv_freq.get(), rope_scaling, B, T_, H, KV,
-                         D, int(cfg.rotary_embedding), pos0, pos_dev, s, static_kv, kv_bits(kv));
+      const float* static_kv = kv_static.empty() ? nullptr : kv_static[li].get();  // reset() refuses it with a cache
+      const T* bias = l.bqkv.size() ? l.bqkv.get() : nullptr;
+      const int rot = int(cfg.rotary_embedding);
+      const cuda::KvLayer c = use_cache ? cache.layer(int(li)) : cuda::KvLayer{};
+      if (use_cache)  // K and V enter the cache in its format; attention reads them back from there
+        cuda::rope_append<T>(qkv.get(), {bias, inv_freq.get(), rope_scaling, rot}, B, T_, H, c, pos0, pos_dev, s);
+      else
+        cuda::bias_rope<T>(qkv.get(), bias, inv_freq.get(), rope_scaling, B, T_, H, KV, D, rot, pos0, pos_dev, s,
+                           static_kv, kv_bits(kv));
       if (stats) cuda::kv_stats<T>(qkv.get(), static_cast<const T*>(nullptr), rows, H, KV, D, false, stats, s);
-      if (use_cache) {  // K and V enter the cache in its format; attention reads them back from there
-        const cuda::KvLayer c = cache.layer(int(li));
-        cuda::kv_append(qkv.get(), B, T_, H, c, pos0, pos_dev, s);
+      if (use_cache) {
         if (T_ <= cuda::kDecodeMaxTokens)
           cuda::attention_decode<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale,
                                     decode_scratch.get(), attn.get(), s);
@@ -474,7 +501,8 @@ namespace {
 bool fits_fp16(const ModelWeights& w) {
   float m = std::max({w.embed.cwiseAbs().maxCoeff(), w.output.cwiseAbs().maxCoeff(), w.norm.cwiseAbs().maxCoeff()});
   for (const LayerWeights& l : w.layers)
-    for (const Mat* x : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w3, &l.w2}) m = std::max(m, x->cwiseAbs().maxCoeff());
+    for (const Mat* x : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w3, &l.w2})
+      if (x->size()) m = std::max(m, x->cwiseAbs().maxCoeff());  // int4 linears (fp16 scales) may be empty
   return m < 65504.0f;
 }
 }  // namespace

@@ -33,8 +33,10 @@ class WeightReader {
   bool has(const std::string& name) const { return fs::exists(dir_ / name); }
 
   // A linear [K, N] of rank file `base` ("layers.0.attention.wo.1."): `.weight`, or the int4
-  // `.qweight/.scales/.zeros` of an int4 workspace, dequantized.
-  Mat linear(const std::string& base, int64_t K, int64_t N, int64_t group, std::vector<Int4Linear>* packed = nullptr) const {
+  // `.qweight/.scales/.zeros` of an int4 workspace, appended to `packed` and returned dequantized
+  // (empty when not `dense`).
+  Mat linear(const std::string& base, int64_t K, int64_t N, int64_t group, std::vector<Int4Linear>* packed,
+             bool dense) const {
     if (group == 0) return read(base + "weight", K, N);
     if (K % group || N % 8) fail("{}: [{}, {}] does not fit int4 groups of {}", (dir_ / base).string(), K, N, group);
     Int4Linear q;
@@ -44,9 +46,10 @@ class WeightReader {
     q.qweight = read_raw<int32_t>(base + "qweight", uint64_t(K * N / 8));
     q.scales = read_raw<uint16_t>(base + "scales", uint64_t(K / group * N));
     q.zeros = read_raw<uint16_t>(base + "zeros", uint64_t(K / group * N));
-    const std::vector<float> w = dequantize(q);
-    if (packed) packed->push_back(std::move(q));
-    return Eigen::Map<const Mat>(w.data(), K, N);
+    Mat m;
+    if (dense) m = Eigen::Map<const Mat>(dequantize(q).data(), K, N);
+    packed->push_back(std::move(q));
+    return m;
   }
 
  private:
@@ -70,16 +73,18 @@ class WeightReader {
 
 }  // namespace
 
-ModelWeights load_workspace(const fs::path& ws) {
+ModelWeights load_workspace(const fs::path& ws, LoadFor use) {
   ModelWeights w;
   w.cfg = load_tm_config(ws);
   const TmConfig& c = w.cfg;
-  // int4 workspaces: every decoder linear is dequantized (spec §6.2); side tensors are fp16.
+  // int4 workspaces: every decoder linear is kept packed, and dequantized for the CPU (spec §6.2);
+  // side tensors are fp16.
   const int64_t group = c.weight_type == "int4" ? c.group_size : 0;
   if (c.weight_type == "int4" && c.group_size <= 0) fail("{}: int4 workspace without a group_size", ws.string());
   const WeightReader rd(ws, c);
   const int64_t tp = c.tp, hid = c.hidden_units, H = c.head_num, KV = c.kv_head_num, D = c.size_per_head;
   const int64_t Vp = c.vocab_padded(), Hr = H / tp, KVr = KV / tp;
+  const bool int4 = group > 0, dense = !int4 || use == LoadFor::kCpu;
 
   w.embed.resize(Vp, hid);
   w.output.resize(Vp, hid);
@@ -95,13 +100,15 @@ ModelWeights load_workspace(const fs::path& ws) {
     LayerWeights l;
     l.attn_norm = rd.read_vec(L + "attention_norm.weight", hid);
     l.ffn_norm = rd.read_vec(L + "ffn_norm.weight", hid);
-    l.wq.resize(hid, H * D);
-    l.wk.resize(hid, KV * D);
-    l.wv.resize(hid, KV * D);
-    l.wo.resize(H * D, hid);
-    l.w1.resize(hid, Ip);
-    l.w3.resize(hid, Ip);
-    l.w2.resize(Ip, hid);
+    if (dense) {
+      l.wq.resize(hid, H * D);
+      l.wk.resize(hid, KV * D);
+      l.wv.resize(hid, KV * D);
+      l.wo.resize(H * D, hid);
+      l.w1.resize(hid, Ip);
+      l.w3.resize(hid, Ip);
+      l.w2.resize(Ip, hid);
+    }
     if (c.attn_bias) {
       l.bq.resize(H * D);
       l.bk.resize(KV * D);
@@ -109,19 +116,21 @@ ModelWeights load_workspace(const fs::path& ws) {
     }
     const int64_t qkv_cols = (Hr + 2 * KVr) * D;
     std::vector<Int4Linear> qkv4, wo4, w1_4, w3_4, w2_4;  // per rank, int4 workspaces only
-    const bool int4 = group > 0;
     for (int64_t r = 0; r < tp; ++r) {  // rank file r holds [q_r | k_r | v_r]
-      Mat qkv = rd.linear(rank_file(L + "attention.w_qkv", r, ""), hid, qkv_cols, group, &qkv4);
-      l.wq.middleCols(r * Hr * D, Hr * D) = qkv.leftCols(Hr * D);
-      l.wk.middleCols(r * KVr * D, KVr * D) = qkv.middleCols(Hr * D, KVr * D);
-      l.wv.middleCols(r * KVr * D, KVr * D) = qkv.rightCols(KVr * D);
+      Mat qkv = rd.linear(rank_file(L + "attention.w_qkv", r, ""), hid, qkv_cols, group, &qkv4, dense);
+      if (dense) {
+        l.wq.middleCols(r * Hr * D, Hr * D) = qkv.leftCols(Hr * D);
+        l.wk.middleCols(r * KVr * D, KVr * D) = qkv.middleCols(Hr * D, KVr * D);
+        l.wv.middleCols(r * KVr * D, KVr * D) = qkv.rightCols(KVr * D);
+      }
       if (c.attn_bias) {
         Vec b = rd.read_vec(rank_file(L + "attention.w_qkv", r, "bias"), qkv_cols);
         l.bq.segment(r * Hr * D, Hr * D) = b.head(Hr * D);
         l.bk.segment(r * KVr * D, KVr * D) = b.segment(Hr * D, KVr * D);
         l.bv.segment(r * KVr * D, KVr * D) = b.tail(KVr * D);
       }
-      l.wo.middleRows(r * Hr * D, Hr * D) = rd.linear(rank_file(L + "attention.wo", r, ""), Hr * D, hid, group, &wo4);
+      const Mat wo = rd.linear(rank_file(L + "attention.wo", r, ""), Hr * D, hid, group, &wo4, dense);
+      if (dense) l.wo.middleRows(r * Hr * D, Hr * D) = wo;
       // The wo bias is replicated: every rank has the same one, or none has any.
       const std::string bo = rank_file(L + "attention.wo", r, "bias");
       if (rd.has(bo) != rd.has(rank_file(L + "attention.wo", 0, "bias")))
@@ -131,9 +140,14 @@ ModelWeights load_workspace(const fs::path& ws) {
         if (r == 0) l.bo = b;
         else if (b != l.bo) fail("{}: the replicated wo bias differs between rank 0 and rank {}", bo, r);
       }
-      l.w1.middleCols(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w1", r, ""), hid, Ir, group, &w1_4);
-      l.w3.middleCols(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w3", r, ""), hid, Ir, group, &w3_4);
-      l.w2.middleRows(r * Ir, Ir) = rd.linear(rank_file(L + "feed_forward.w2", r, ""), Ir, hid, group, &w2_4);
+      const Mat w1 = rd.linear(rank_file(L + "feed_forward.w1", r, ""), hid, Ir, group, &w1_4, dense);
+      const Mat w3 = rd.linear(rank_file(L + "feed_forward.w3", r, ""), hid, Ir, group, &w3_4, dense);
+      const Mat w2 = rd.linear(rank_file(L + "feed_forward.w2", r, ""), Ir, hid, group, &w2_4, dense);
+      if (dense) {
+        l.w1.middleCols(r * Ir, Ir) = w1;
+        l.w3.middleCols(r * Ir, Ir) = w3;
+        l.w2.middleRows(r * Ir, Ir) = w2;
+      }
     }
     if (int4) {
       std::vector<Int4Columns> qkv_parts, w13_parts;

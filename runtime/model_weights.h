@@ -35,7 +35,12 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
+// What the weights are loaded for. The CPU oracle runs every linear in fp32; the GPU runs an int4
+// workspace's linears from their packed form, so kGpu leaves those linears' dense matrices empty
+// (dequantizing them took most of the load time of a 7B model: ~90 of 130 s).
+enum class LoadFor { kCpu, kGpu };
+
 // Loads any tp and any float weight type; every file must exist with exactly the expected size.
-ModelWeights load_workspace(const fs::path& workspace);
+ModelWeights load_workspace(const fs::path& workspace, LoadFor use = LoadFor::kCpu);
 
 }  // namespace tmkit

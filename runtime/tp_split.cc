@@ -64,19 +64,21 @@ ModelWeights rank_slice(const ModelWeights& w, int rank, int tp) {
     LayerWeights o;
     o.attn_norm = l.attn_norm;
     o.ffn_norm = l.ffn_norm;
-    o.wq = l.wq.middleCols(r * q, q);
-    o.wk = l.wk.middleCols(r * kv, kv);
-    o.wv = l.wv.middleCols(r * kv, kv);
+    if (l.wq.size()) {  // empty for int4 linears loaded for the GPU (LoadFor::kGpu)
+      o.wq = l.wq.middleCols(r * q, q);
+      o.wk = l.wk.middleCols(r * kv, kv);
+      o.wv = l.wv.middleCols(r * kv, kv);
+      o.wo = l.wo.middleRows(r * q, q);
+      o.w1 = l.w1.middleCols(r * I, I);
+      o.w3 = l.w3.middleCols(r * I, I);
+      o.w2 = l.w2.middleRows(r * I, I);
+    }
     if (l.bq.size()) {
       o.bq = l.bq.segment(r * q, q);
       o.bk = l.bk.segment(r * kv, kv);
       o.bv = l.bv.segment(r * kv, kv);
     }
-    o.wo = l.wo.middleRows(r * q, q);
     o.bo = l.bo;
-    o.w1 = l.w1.middleCols(r * I, I);
-    o.w3 = l.w3.middleCols(r * I, I);
-    o.w2 = l.w2.middleRows(r * I, I);
     if (l.qkv4) {  // fused as load_workspace fuses them: [all q | all k | all v], [w1 | w3]
       o.qkv4 = concat_columns({{&*l.qkv4, r * q, q}, {&*l.qkv4, H * D + r * kv, kv}, {&*l.qkv4, (H + KV) * D + r * kv, kv}});
       o.w13_4 = concat_columns({{&*l.w13_4, r * I, I}, {&*l.w13_4, Ip + r * I, I}});

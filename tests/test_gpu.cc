@@ -6,6 +6,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "cpu_forward.h"
 #include "cuda/kernels.h"
 #include "error.h"
@@ -138,6 +141,70 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
   }
 }
 
+// The fp16 decode GEMV (dense_gemv.cu) against the product in double, for every row template, K
+// not a multiple of its slices and N not a multiple of its 256-column tiles, fp16 and bf16
+// weights; one scratch shared by calls of different shapes, one or many slices and tiles (its
+// counters must come back to 0, and no call's partials may land on them: that bug once left
+// every tile but the first unwritten), and a repeated call gives the same bits (the slices add
+// in a fixed order).
+TEST(GpuDenseGemv, MatchesDoubleAndRepeatsBitForBit) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  SplitMix64 rng{4242};
+  using cuda::DeviceBuffer;
+  size_t most = 0;
+  const std::pair<int, int> shapes[] = {{64, 256}, {128, 256}, {4096, 4096}, {100, 520}, {11008, 776}, {1536, 2048}};
+  for (auto [K, N] : shapes) most = std::max(most, cuda::dense_gemv_scratch_floats(cuda::kDenseGemvMaxRows, K, N));
+  DeviceBuffer<float> scratch(most);
+  ASSERT_EQ(cudaMemset(scratch.get(), 0, most * 4), cudaSuccess);
+  for (bool bf16 : {false, true})
+    for (auto [K, N] : shapes)
+      for (int M = 1; M <= cuda::kDenseGemvMaxRows; ++M) {
+        // Values exactly representable in both types: 8 significant bits.
+        auto draw = [&] { return float(std::round(rng.symmetric() * 128.0)) / 128.0f; };
+        std::vector<float> w(size_t(K) * N), x(size_t(M) * K);
+        for (float& v : w) v = draw();
+        for (float& v : x) v = draw();
+        auto bits = [&](const std::vector<float>& v) {
+          std::vector<uint16_t> b(v.size());
+          for (size_t i = 0; i < v.size(); ++i) {
+            uint32_t u;
+            std::memcpy(&u, &v[i], 4);
+            b[i] = bf16 ? uint16_t(u >> 16) : float_to_half(v[i]);
+          }
+          return b;
+        };
+        const std::vector<uint16_t> wb = bits(w), xb = bits(x);
+        DeviceBuffer<uint16_t> w_d(wb.size()), x_d(xb.size());
+        DeviceBuffer<float> y_d(size_t(M) * N);
+        cudaMemcpy(w_d.get(), wb.data(), wb.size() * 2, cudaMemcpyHostToDevice);
+        cudaMemcpy(x_d.get(), xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
+        std::vector<float> y[2];
+        for (auto& out : y) {
+          if (bf16)
+            cuda::dense_gemv(reinterpret_cast<const __nv_bfloat16*>(x_d.get()), M, K, N,
+                             reinterpret_cast<const __nv_bfloat16*>(w_d.get()), y_d.get(), scratch.get(), nullptr);
+          else
+            cuda::dense_gemv(reinterpret_cast<const __half*>(x_d.get()), M, K, N,
+                             reinterpret_cast<const __half*>(w_d.get()), y_d.get(), scratch.get(), nullptr);
+          out.resize(size_t(M) * N);
+          ASSERT_EQ(cudaMemcpy(out.data(), y_d.get(), out.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        }
+        double num = 0, den = 0;
+        for (int m = 0; m < M; ++m)
+          for (int n = 0; n < N; ++n) {
+            double ref = 0;
+            for (int k = 0; k < K; ++k) ref += double(x[size_t(m) * K + k]) * w[size_t(k) * N + n];
+            const double d = y[0][size_t(m) * N + n] - ref;
+            num += d * d;
+            den += ref * ref;
+          }
+        const double rel = std::sqrt(num / den);
+        // fp32 sums of exact products: ~1e-6 of rounding over these K (a lost slice or tile: > 1e-2).
+        EXPECT_LE(rel, 1e-5) << (bf16 ? "bf16 " : "fp16 ") << K << "x" << N << " M=" << M;
+        EXPECT_EQ(std::memcmp(y[0].data(), y[1].data(), y[0].size() * 4), 0) << K << "x" << N << " M=" << M;
+      }
+}
+
 // Zero points that are not integers 0..15 (legal in the format, never written by AWQ or RTN) take
 // the dequantizing path and still give the dequantized product.
 TEST(GpuW4A16, NonIntegerZerosStillExact) {
@@ -170,7 +237,7 @@ TEST(GpuInt4, RtnPerplexityMatchesOracleAndReference) {
   quantize_workspace_rtn(workspace("small-llama"), tmp / "int4", 128, false);
   const json ref = json::parse(test::slurp(test::reference_dir("small-llama") / "reference.json"));
   const ModelWeights w = load_workspace(tmp / "int4");
-  GpuModel gpu(w);
+  GpuModel gpu(load_workspace(tmp / "int4", LoadFor::kGpu));  // packed linears only, as tm-eval loads them
   const CpuModel cpu(w);
   const auto ids = read_tokens(test::reference_dir("small-llama") / "eval.tokens.i32", w.cfg.vocab_size);
   const int64_t ctx = ref["eval_ctx"];
@@ -362,6 +429,7 @@ TEST(GpuAttention, DecodeAndPrefillOverTheCacheMatchDouble) {
         const cuda::KvLayer layer = cache.layer(0);
         cuda::kv_append(all_d.get(), B, N, H, layer, 0, nullptr, nullptr);
         DeviceBuffer<float> scratch(cuda::attention_decode_scratch_floats(B, T, H, D, sh.capacity));
+        cudaMemset(scratch.get(), 0, scratch.size() * 4);
         DeviceBuffer<__half> dec(size_t(B) * T * H * D), dec2(dec.size()), dec_dev(dec.size()), pre(dec.size());
         DeviceBuffer<int> pos_d(1);
         cudaMemcpy(pos_d.get(), &P, 4, cudaMemcpyHostToDevice);

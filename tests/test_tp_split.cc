@@ -193,6 +193,30 @@ TEST(RankSliceInt4, EqualsRankFilesAndConcatenatesBack) {
   }
 }
 
+// Loaded for the GPU, an int4 workspace keeps its linears packed only (no dense fp32 copies), the
+// same packed linears as a load for the CPU, and slices as that one does.
+TEST(RankSliceInt4, LoadedForTheGpuKeepsOnlyThePackedLinears) {
+  const fs::path ws = workspace("small-llama", 2, true);
+  const ModelWeights cpu = load_workspace(ws), gpu = load_workspace(ws, LoadFor::kGpu);
+  const ModelWeights cpu_r = rank_slice(cpu, 1, 2), gpu_r = rank_slice(gpu, 1, 2);
+  ASSERT_EQ(gpu.layers.size(), cpu.layers.size());
+  for (size_t i = 0; i < gpu.layers.size(); ++i) {
+    const std::string at = fmt::format("layer {}", i);
+    for (const ModelWeights* g : {&gpu, &gpu_r})
+      for (const Mat* m : {&g->layers[i].wq, &g->layers[i].wo, &g->layers[i].w1, &g->layers[i].w2}) EXPECT_EQ(m->size(), 0) << at;
+    EXPECT_GT(cpu.layers[i].wq.size(), 0) << at;
+    for (auto [g, c] : {std::pair{&gpu, &cpu}, std::pair{&gpu_r, &cpu_r}}) {
+      const LayerWeights &a = g->layers[i], &b = c->layers[i];
+      ASSERT_TRUE(a.qkv4 && a.wo4 && a.w13_4 && a.w2_4) << at;
+      expect_int4_eq(*a.qkv4, *b.qkv4, at + " qkv4");
+      expect_int4_eq(*a.wo4, *b.wo4, at + " wo4");
+      expect_int4_eq(*a.w13_4, *b.w13_4, at + " w13_4");
+      expect_int4_eq(*a.w2_4, *b.w2_4, at + " w2_4");
+      EXPECT_EQ(a.attn_norm, b.attn_norm) << at;
+    }
+  }
+}
+
 TEST(RankSliceBad, NamesTheReason) {
   const ModelWeights sl = load_workspace(workspace("small-llama", 1));   // 8 heads, 4 kv heads
   const ModelWeights tl = load_workspace(workspace("tiny-llama", 1));    // 4 heads, 2 kv heads, D 32

@@ -133,7 +133,8 @@ int main(int argc, char** argv) {
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
     std::printf("| K x N | M | stream us (v0 / v1) | gemv us (v0 / v1) | gemm us (v0 / v1) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
-                "cuBLAS fp16 us | W4A16 speedup |\n|---|---|---|---|---|---|---|---|---|---|\n");
+                "read floor us | %% of floor | cuBLAS fp16 us | W4A16 speedup | dense GEMV us | vs cuBLAS |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
@@ -221,15 +222,41 @@ int main(int argc, char** argv) {
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[size_t(i % dense_copies)].get(), CUDA_R_16F, N,
                        x.get(), CUDA_R_16F, K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         });
+        // tm-eval's fp16 decode GEMV (dense_gemv.cu), checked against cuBLAS on the same weights.
+        double dense_ms = inf;
+        if (M <= tmkit::cuda::kDenseGemvMaxRows) {
+          DeviceBuffer<float> gemv_scratch(tmkit::cuda::dense_gemv_scratch_floats(M, K, N));
+          TMKIT_CUDA_CHECK(cudaMemset(gemv_scratch.get(), 0, gemv_scratch.size() * 4));
+          cublasSetStream(blas, nullptr);
+          cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[0].get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
+                       K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          const std::vector<float> blas_y = host_y();
+          TMKIT_CUDA_CHECK(cudaMemset(y.get(), 0, size_t(M) * N * 4));
+          tmkit::cuda::dense_gemv(x.get(), M, K, N, dense[0].get(), y.get(), gemv_scratch.get(), nullptr);
+          const std::vector<float> got = host_y();
+          double num = 0, den = 0;
+          for (size_t i = 0; i < got.size(); ++i)
+            num += double(got[i] - blas_y[i]) * (got[i] - blas_y[i]), den += double(blas_y[i]) * blas_y[i];
+          if (num <= 1e-10 * den) {
+            dense_ms = median_ms(reps, [&](int i, cudaStream_t st) {
+              tmkit::cuda::dense_gemv(x.get(), M, K, N, dense[size_t(i % dense_copies)].get(), y.get(), gemv_scratch.get(), st);
+            });
+          } else {
+            std::fprintf(stderr, "bench-kernels: dense_gemv differs from cuBLAS at %d x %d, M = %d: rel-L2 %.3g\n", K, N, M,
+                         std::sqrt(num / den));
+            failed = true;
+          }
+        }
         TMKIT_CUDA_CHECK(cudaDeviceSynchronize());
         const double bytes = double(w4_bytes) + 2.0 * M * K + 4.0 * M * N;
         const double gbs = bytes / (w4_ms * 1e-3) / 1e9;
         auto us = [](double t) { return t >= 1e29 ? std::string("-") : fmt_us(t); };
         auto stream_us = [&](int v) { return wrong[v] ? std::string("wrong") : us(stream_ms[v]); };
-        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx |\n", K, N, M,
+        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx | %s | %s |\n", K, N, M,
                     stream_us(0).c_str(), stream_us(1).c_str(), us(gemv_ms[0]).c_str(), us(gemv_ms[1]).c_str(), us(gemm_ms[0]).c_str(), us(gemm_ms[1]).c_str(),
                     us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, floor_ms * 1e3, 100 * floor_ms / w4_ms, blas_ms * 1e3,
-                    blas_ms / w4_ms);
+                    blas_ms / w4_ms, us(dense_ms).c_str(),
+                    dense_ms < inf ? fmt::format("{:.2f}x", blas_ms / dense_ms).c_str() : "-");
       }
     }
 

@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
                                                               const T* __restrict__ bias, const T* __restrict__ w,
                                                               float eps, int hidden, T* __restrict__ y) {
   __shared__ float scratch[32];
+  pdl_begin();
   float* row = x + size_t(blockIdx.x) * hidden;
   const float* d = delta ? delta + size_t(blockIdx.x) * hidden : nullptr;
   float v[kPer];
@@ -49,8 +50,7 @@ void launch(float* x, const float* delta, const T* bias, const T* w, float eps, 
     if constexpr (kPer < kMaxPer) return launch<T, kPer * 2>(x, delta, bias, w, eps, T_, hidden, y, s);
     fail("RMSNorm: hidden size {} > {} is not supported on the GPU", hidden, kMaxPer * kThreads);
   }
-  add_rmsnorm_kernel<T, kPer><<<T_, kThreads, 0, s>>>(x, delta, bias, w, eps, hidden, y);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(add_rmsnorm_kernel<T, kPer>, T_, kThreads, 0, s, x, delta, bias, w, eps, hidden, y);
 }
 
 }  // namespace

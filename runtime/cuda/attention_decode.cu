@@ -23,8 +23,13 @@
 // (acc_s [4][ROWS][D]), always in the same order.
 //
 // The block writes its chunk's unnormalized partial (acc[D], and (m, l)) per query row to scratch
-// [B][T][H][chunks]; attention_combine.cu merges the chunks in order: no float atomics, so the
-// result does not depend on scheduling, and is the same at every replay.
+// [B][T][H][chunks]. The last block of a (sequence, kv head, row group) to finish (an integer
+// counter per group in the scratch, which that block sets back to 0 for the next call) merges the
+// chunks of its rows:
+//   out = sum_c acc_c 2^(m_c - M) / sum_c l_c 2^(m_c - M),   M = max_c m_c,
+// in chunk order, whichever block it is: no float atomics, so the result does not depend on
+// scheduling, and is the same at every replay. (A separate merge kernel cost a launch per layer
+// and decode step.) Chunk 0 always holds key 0, which every query sees, so M is finite.
 #include "kernels.h"
 #include "kv_cache.cuh"
 
@@ -34,17 +39,20 @@ namespace {
 
 constexpr int kWarps = 4, kMinChunk = 64, kMaxChunks = 64;
 
-template <int D, int BITS, int ROWS>
+template <typename T, int D, int BITS, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const float* q, size_t q_stride, KvLayer cache,
                                                                       int T_, int pos0, const int* pos_dev, int H, int KV,
                                                                       int row_groups, float scale_log2, int chunk,
-                                                                      int chunks, float* part_acc, float2* part_ml) {
+                                                                      int chunks, float* part_acc, float2* part_ml,
+                                                                      int* arrivals, T* out) {
   using Kv = CacheReader<BITS>;
   using Raw = typename Kv::Raw;
   constexpr int L = D / 8, KPS = 32 / L, U = ROWS >= 8 ? 2 : 4, kStep = KPS * U;
   __shared__ float acc_s[kWarps][ROWS][D];
   __shared__ float m_s[kWarps][ROWS], l_s[kWarps][ROWS];
+  __shared__ bool last_s;
 
+  pdl_begin();
   if (pos_dev) pos0 = *pos_dev;
   const int key_end = pos0 + T_, c = blockIdx.x, first = c * chunk;
   if (first >= key_end) return;  // uniform across the block, before any barrier
@@ -188,35 +196,83 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
     part_acc[part * D + d] = num;
     if (d == 0) part_ml[part] = make_float2(M, den);
   }
-}
 
-template <int D, int BITS>
-void launch_rows(int rows_template, dim3 grid, cudaStream_t s, const float* q, size_t q_stride, const KvLayer& cache,
-                 int T_, int pos0, const int* pos_dev, int H, int KV, int row_groups, float scale_log2, int chunk,
-                 int chunks, float* part_acc, float2* part_ml) {
-#define TMKIT_ARGS q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups, scale_log2, chunk, chunks, part_acc, part_ml
-  switch (rows_template) {
-    case 1: attention_decode_kernel<D, BITS, 1><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
-    case 2: attention_decode_kernel<D, BITS, 2><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
-    case 4: attention_decode_kernel<D, BITS, 4><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
-    default: attention_decode_kernel<D, BITS, 8><<<grid, kWarps * 32, 0, s>>>(TMKIT_ARGS); break;
+  __threadfence();  // the partials are visible device-wide before this block counts as arrived
+  __syncthreads();
+  const int used = (key_end + chunk - 1) / chunk;  // the blocks that did not exit at once
+  if (threadIdx.x == 0) {
+    int* count = arrivals + size_t(seq) * gridDim.y + blockIdx.y;
+    last_s = atomicAdd(count, 1) == used - 1;
+    if (last_s) *count = 0;
   }
-#undef TMKIT_ARGS
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
+    const int rr = idx / D, d = idx % D, r = r0 + rr;
+    if (r >= R) continue;
+    const int t = r / G, h = kvh * G + r % G;
+    const size_t row = (size_t(seq) * T_ + t) * H + h, base = row * size_t(chunks);
+    float M = -INFINITY;
+    for (int k = 0; k < used; ++k) M = fmaxf(M, __ldcg(&part_ml[base + k]).x);
+    float num = 0.0f, den = 0.0f;
+    for (int k = 0; k < used; ++k) {
+      const float2 ml = __ldcg(&part_ml[base + k]);
+      const float f = ml.x == -INFINITY ? 0.0f : exp2f(ml.x - M);  // a chunk wholly after this query
+      num += __ldcg(&part_acc[(base + k) * D + d]) * f;
+      den += ml.y * f;
+    }
+    out[row * D + d] = from_float<T>(num / den);
+  }
 }
 
-template <int D>
-void launch_bits(int bits, int rows_template, dim3 grid, cudaStream_t s, const float* q, size_t q_stride,
-                 const KvLayer& cache, int T_, int pos0, const int* pos_dev, int H, int KV, int row_groups,
-                 float scale_log2, int chunk, int chunks, float* part_acc, float2* part_ml) {
+// The kernel's arguments after its template choice, as launch_rows passes them on.
+template <typename T>
+struct DecodeArgs {
+  const float* q;
+  size_t q_stride;
+  KvLayer cache;
+  int T_, pos0;
+  const int* pos_dev;
+  int H, KV, row_groups;
+  float scale_log2;
+  int chunk, chunks;
+  float* part_acc;
+  float2* part_ml;
+  int* arrivals;
+  T* out;
+};
+
+template <typename T, int D, int BITS>
+void launch_rows(int rows_template, dim3 grid, cudaStream_t s, const DecodeArgs<T>& a) {
+  auto go = [&](auto kernel) {
+    launch_kernel(kernel, grid, kWarps * 32, 0, s, a.q, a.q_stride, a.cache, a.T_, a.pos0, a.pos_dev, a.H, a.KV,
+                  a.row_groups, a.scale_log2, a.chunk, a.chunks, a.part_acc, a.part_ml, a.arrivals, a.out);
+  };
+  switch (rows_template) {
+    case 1: return go(attention_decode_kernel<T, D, BITS, 1>);
+    case 2: return go(attention_decode_kernel<T, D, BITS, 2>);
+    case 4: return go(attention_decode_kernel<T, D, BITS, 4>);
+    default: return go(attention_decode_kernel<T, D, BITS, 8>);
+  }
+}
+
+template <typename T, int D>
+void launch_bits(int bits, int rows_template, dim3 grid, cudaStream_t s, const DecodeArgs<T>& a) {
   switch (bits) {
-    case 16: return launch_rows<D, 16>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                                       scale_log2, chunk, chunks, part_acc, part_ml);
-    case 8: return launch_rows<D, 8>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                                     scale_log2, chunk, chunks, part_acc, part_ml);
-    case 4: return launch_rows<D, 4>(rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                                     scale_log2, chunk, chunks, part_acc, part_ml);
+    case 16: return launch_rows<T, D, 16>(rows_template, grid, s, a);
+    case 8: return launch_rows<T, D, 8>(rows_template, grid, s, a);
+    case 4: return launch_rows<T, D, 4>(rows_template, grid, s, a);
     default: fail("attention: {} bits per KV value is not a cache format (16, 8, 4)", bits);
   }
+}
+
+// Scratch layout: arrivals [B H kDecodeMaxTokens] ints (at least one per (sequence, kv head, row
+// group); first, so that calls with other T find their counters at 0), then part_acc [parts][D]
+// floats and part_ml [parts] float2.
+size_t arrivals_of(int B, int H) { return size_t(B) * size_t(H) * kDecodeMaxTokens; }
+size_t parts_of(int B, int T_, int H, int capacity) {
+  return size_t(B) * size_t(T_) * size_t(H) * size_t(attention_decode_split(capacity).chunks);
 }
 
 }  // namespace
@@ -229,8 +285,7 @@ DecodeSplit attention_decode_split(int capacity) {
 }
 
 size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity) {
-  const size_t parts = size_t(B) * size_t(T_) * size_t(H) * size_t(attention_decode_split(capacity).chunks);
-  return parts * size_t(D) + parts * 2;  // acc[D] and (m, l) per part
+  return arrivals_of(B, H) + parts_of(B, T_, H, capacity) * size_t(D + 2);
 }
 
 template <typename T>
@@ -244,20 +299,18 @@ void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int
   const int rows_template = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
   const int row_groups = (R + rows_template - 1) / rows_template;
   const dim3 grid(sp.chunks, KV * row_groups, B);
-  const float scale_log2 = scale * 1.4426950408889634f;
-  float* part_acc = scratch;
-  float2* part_ml = reinterpret_cast<float2*>(scratch + size_t(B) * T_ * H * sp.chunks * D);  // 8-byte aligned: D is even
+  const size_t parts = parts_of(B, T_, H, cache.capacity);
+  float* part_acc = scratch + arrivals_of(B, H);
+  const DecodeArgs<T> a{q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups, scale * 1.4426950408889634f,
+                        sp.chunk, sp.chunks, part_acc,
+                        reinterpret_cast<float2*>(part_acc + parts * D),  // 8-byte aligned: the offsets are even
+                        reinterpret_cast<int*>(scratch), out};
   switch (D) {
-    case 32: launch_bits<32>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                             scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
-    case 64: launch_bits<64>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                             scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
-    case 128: launch_bits<128>(cache.bits, rows_template, grid, s, q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups,
-                               scale_log2, sp.chunk, sp.chunks, part_acc, part_ml); break;
+    case 32: return launch_bits<T, 32>(cache.bits, rows_template, grid, s, a);
+    case 64: return launch_bits<T, 64>(cache.bits, rows_template, grid, s, a);
+    case 128: return launch_bits<T, 128>(cache.bits, rows_template, grid, s, a);
     default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
   }
-  TMKIT_CUDA_LAUNCHED();
-  attention_combine<T>(part_acc, part_ml, B, T_, H, D, sp.chunk, sp.chunks, pos0, pos_dev, out, s);
 }
 
 template void attention_decode<__half>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int, int,

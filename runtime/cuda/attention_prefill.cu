@@ -35,6 +35,7 @@ template <typename T, int D, typename Kv>
 __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, Kv kv, int T_,
                                                                        int pos0, const int* pos_dev, int H, int KV,
                                                                        float scale, T* out) {
+  pdl_begin();
   if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
   constexpr int DL = D / 32;     // output channels per lane
   constexpr int G8 = D / 8;      // 8-channel groups per key (one reader load each)
@@ -121,12 +122,11 @@ void launch(const float* q, size_t q_stride, const Kv& kv, int B, int T_, int po
   const dim3 grid((T_ + kBQ - 1) / kBQ, H, B);
   const auto args = std::make_tuple(q, q_stride, kv, T_, pos0, pos_dev, H, KV, scale, out);
   switch (D) {
-    case 32: std::apply([&](auto... a) { attention_prefill_kernel<T, 32, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
-    case 64: std::apply([&](auto... a) { attention_prefill_kernel<T, 64, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
-    case 128: std::apply([&](auto... a) { attention_prefill_kernel<T, 128, Kv><<<grid, kWarps * 32, 0, s>>>(a...); }, args); break;
+    case 32: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 32, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
+    case 64: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 64, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
+    case 128: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 128, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
     default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
   }
-  TMKIT_CUDA_LAUNCHED();
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // of the whole buffer (a block per token made decode a 9 us chain of dependent loads; ncu).
 // B sequences of T tokens: row b T + t is at position pos0 + t.
 #include "kernels.h"
+#include "rope.cuh"
 
 namespace tmkit::cuda {
 
@@ -18,6 +19,7 @@ template <typename T>
 __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int H, int KV,
                                  int D, int rot, int rows, int T_, int pos0, const int* pos_dev, const float* kv_static,
                                  float qmax) {
+  pdl_begin();
   const int pairs = (H + 2 * KV) * D / 2;
   const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= size_t(rows) * pairs) return;
@@ -37,13 +39,7 @@ __global__ void bias_rope_kernel(float* qkv, const T* bias, const float* inv_fre
   const int j = (c % D) / 2;
   if (c < (H + KV) * D && 2 * j < rot) {  // q and k heads only; v is not rotated
     const float pos = float((pos_dev ? *pos_dev : pos0) + r % T_);  // row b T + t: position pos0 + t
-    float sn, cs;
-    sincosf(pos * inv_freq[j], &sn, &cs);
-    sn *= rope_scale;
-    cs *= rope_scale;
-    const float a0 = a;
-    a = a0 * cs - b * sn;
-    b = a0 * sn + b * cs;
+    rope_rotate(a, b, pos, inv_freq[j], rope_scale);
   }
   row[c] = a;
   row[c + 1] = b;
@@ -53,9 +49,8 @@ template <typename T>
 void bias_rope(float* qkv, const T* bias, const float* inv_freq, float rope_scale, int B, int T_, int H, int KV, int D,
                int rot, int pos0, const int* pos_dev, cudaStream_t s, const float* kv_static, int kv_bits) {
   const size_t n = size_t(B) * T_ * (H + 2 * KV) * D / 2;
-  bias_rope_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(qkv, bias, inv_freq, rope_scale, H, KV, D, rot, B * T_, T_,
-                                                            pos0, pos_dev, kv_static, float((1 << kv_bits) - 1));
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(bias_rope_kernel<T>, unsigned((n + 255) / 256), 256, 0, s, qkv, bias, inv_freq, rope_scale, H, KV, D,
+                rot, B * T_, T_, pos0, pos_dev, kv_static, float((1 << kv_bits) - 1));
 }
 
 template void bias_rope<__half>(float*, const __half*, const float*, float, int, int, int, int, int, int, int,

@@ -7,6 +7,7 @@ namespace tmkit::cuda {
 template <typename T>
 __global__ void embedding_kernel(const int32_t* __restrict__ ids, int T_, const T* __restrict__ table, int hidden,
                                  float* __restrict__ x) {
+  pdl_begin();
   const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= size_t(T_) * hidden) return;
   const size_t t = i / size_t(hidden), c = i % size_t(hidden);
@@ -16,8 +17,7 @@ __global__ void embedding_kernel(const int32_t* __restrict__ ids, int T_, const 
 template <typename T>
 void embedding(const int32_t* ids, int T_, const T* table, int hidden, float* x, cudaStream_t s) {
   const size_t n = size_t(T_) * hidden;
-  embedding_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(ids, T_, table, hidden, x);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(embedding_kernel<T>, unsigned((n + 255) / 256), 256, 0, s, ids, T_, table, hidden, x);
 }
 
 template void embedding<__half>(const int32_t*, int, const __half*, int, float*, cudaStream_t);

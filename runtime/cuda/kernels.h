@@ -85,10 +85,19 @@ void w4_pack_scale_zero(const __half* scales, const __half* zeros, int K, int N,
 void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __half* zeros, int K, int N, __half* w,
                        cudaStream_t s);
 
+// Dense y[M, N] (fp32) = x[M, K] * w[K, N] (row-major, the workspace's type) for decode steps,
+// M <= kDenseGemvMaxRows, N % 8 == 0 (dense_gemv.cu; faster than cuBLAS there, and its weight reads
+// start before the kernel ahead of it ends). `scratch`: dense_gemv_scratch_floats floats, zeroed
+// once before its first use (it holds counters every call leaves at 0); calls may share it.
+constexpr int kDenseGemvMaxRows = 4;
+size_t dense_gemv_scratch_floats(int M, int K, int N);
+template <typename T>
+void dense_gemv(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s);
+
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);
 
-// ---- Decode attention over the KV cache (attention_decode.cu, attention_combine.cu) ----
+// ---- Decode attention over the KV cache (attention_decode.cu) ----
 
 // The most queries per sequence the decode kernel takes (decode steps are 1; a few more for
 // speculative or chunked steps). Longer inputs go to attention_prefill.
@@ -100,7 +109,8 @@ struct DecodeSplit {
   int chunk = 0, chunks = 0;
 };
 DecodeSplit attention_decode_split(int capacity);
-// Floats of scratch attention_decode needs for B sequences of T queries over `capacity` keys.
+// Floats of scratch attention_decode needs for B sequences of T queries over `capacity` keys. The
+// scratch must be zeroed once before its first use (it holds counters every call leaves at 0).
 size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity);
 
 // The same result as attention_prefill over the cache, for T <= kDecodeMaxTokens: split over keys
@@ -108,9 +118,5 @@ size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity
 template <typename T>
 void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0, const int* pos_dev,
                       int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s);
-// Its second step: merges the per-chunk partials of every query row into out [B T, H D].
-template <typename T>
-void attention_combine(const float* part_acc, const float2* part_ml, int B, int T_, int H, int D, int chunk, int chunks,
-                       int pos0, const int* pos_dev, T* out, cudaStream_t s);
 
 }  // namespace tmkit::cuda

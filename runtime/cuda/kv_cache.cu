@@ -1,15 +1,18 @@
 // The KV cache's allocation and its append kernel (layout in kv_cache.h).
 //
-// Append: one warp per (token row, kv head, K or V); lane l holds the D / 32 consecutive channels
-// l D / 32 .. (l + 1) D / 32 - 1, so that int4's channel pairs (2i, 2i + 1) are in one lane for
-// D >= 64, and in lanes (2i, 2i + 1) for D = 32 (one shuffle). The min and max over the head's
-// channels are warp reductions (exact in any order); scale, zero and codes come from kv_quant.cuh,
-// shared with the round trip on the qkv buffer (explicit roundings), which is what makes the cache's dequantized values equal
-// kv_fake_quant's bit for bit. Quantizing while writing means the fp32 K/V never reach memory twice.
+// Append: one warp per (token row, kv head, K or V) (rope_append: per head of q, k and v); lane l
+// holds the D / 32 consecutive channels l D / 32 .. (l + 1) D / 32 - 1, so that int4's channel
+// pairs (2i, 2i + 1) are in one lane for D >= 64, and in lanes (2i, 2i + 1) for D = 32 (one
+// shuffle). The min and max over the head's channels are warp reductions (exact in any order);
+// scale, zero and codes come from kv_quant.cuh, shared with the round trip on the qkv buffer
+// (explicit roundings), which is what makes the cache's dequantized values equal kv_fake_quant's
+// bit for bit. Quantizing while writing means the fp32 K/V never reach memory twice; rotating
+// while appending saves a decode step a kernel per layer.
 #include <climits>
 
 #include "kv_cache.h"
 #include "kv_quant.cuh"
+#include "rope.cuh"
 
 namespace tmkit::cuda {
 
@@ -58,23 +61,58 @@ KvLayer KvCache::layer(int index) const {
 
 namespace {
 
-template <int BITS>
-__global__ void kv_append_kernel(const float* qkv, int rows, int T_, int H, KvLayer c, int pos0, const int* pos_dev) {
+// Warps take (token row, head) for heads first_head .. H + 2 KV - 1 of qkv: q heads (from 0), then
+// K, then V. With `rope` (rope_append), a warp first adds the head's bias and rotates q and k
+// (rope.cuh; pairs (2j, 2j + 1) sit in one lane for D >= 64, in lanes 2j, 2j + 1 for D = 32),
+// and writes the head back, as bias_rope would; K and V heads then enter the cache.
+template <typename T, int BITS>
+__global__ void append_kernel(float* qkv, int rows, int T_, int H, int first_head, KvLayer c, int pos0,
+                              const int* pos_dev, QkvRope<T> rope) {
+  pdl_begin();
   const int warp = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
-  const int KV = c.kv_heads, D = c.head_dim, per_lane = D / 32;
-  if (warp >= rows * 2 * KV) return;  // uniform per warp
-  const int row = warp / (2 * KV), head = warp % (2 * KV);  // head: the K heads, then the V heads
-  const bool is_v = head >= KV;
-  const int kvh = head % KV, seq = row / T_, pos = (pos_dev ? *pos_dev : pos0) + row % T_;
-  const float* x = qkv + size_t(row) * (H + 2 * KV) * D + size_t(H + head) * D + lane * per_lane;
-  const size_t dst_row = c.row(seq, kvh, pos);
-  uint8_t* dst = (is_v ? c.v : c.k) + dst_row * c.row_bytes();
+  const int KV = c.kv_heads, D = c.head_dim, per_lane = D / 32, heads = H + 2 * KV - first_head;
+  if (warp >= rows * heads) return;  // uniform per warp
+  const int row = warp / heads, head = first_head + warp % heads;  // head: q heads, then K, then V
+  const int seq = row / T_, pos = (pos_dev ? *pos_dev : pos0) + row % T_, ch = lane * per_lane;
+  float* x = qkv + size_t(row) * (H + 2 * KV) * D + size_t(head) * D + ch;
   float v[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = i < per_lane ? x[i] : 0.0f;
 
+  if (rope.inv_freq) {
+    if (rope.bias)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (i < per_lane) v[i] += to_float(rope.bias[size_t(head) * D + ch + i]);
+    if (head < H + KV) {  // q and k are rotated, v is not
+      if (per_lane == 1) {  // D = 32: lane 2j holds channel 2j, lane 2j + 1 channel 2j + 1
+        const float other = __shfl_xor_sync(0xffffffffu, v[0], 1);
+        const int j = ch / 2;
+        if (2 * j < rope.rot) {
+          float a = lane % 2 ? other : v[0], b = lane % 2 ? v[0] : other;
+          rope_rotate(a, b, float(pos), rope.inv_freq[j], rope.scale);
+          v[0] = lane % 2 ? b : a;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; i += 2) {
+          const int j = (ch + i) / 2;
+          if (i < per_lane && 2 * j < rope.rot) rope_rotate(v[i], v[i + 1], float(pos), rope.inv_freq[j], rope.scale);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (i < per_lane) x[i] = v[i];
+  }
+  if (head < H) return;  // q heads: done
+
+  const bool is_v = head >= H + KV;
+  const int kvh = (head - H) % KV;
+  const size_t dst_row = c.row(seq, kvh, pos);
+  uint8_t* dst = (is_v ? c.v : c.k) + dst_row * c.row_bytes();
   if constexpr (BITS == 16) {
-    __half* out = reinterpret_cast<__half*>(dst) + lane * per_lane;
+    __half* out = reinterpret_cast<__half*>(dst) + ch;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (i < per_lane) out[i] = __float2half_rn(v[i]);
@@ -87,15 +125,31 @@ __global__ void kv_append_kernel(const float* qkv, int rows, int T_, int H, KvLa
     if constexpr (BITS == 8) {
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        if (i < per_lane) dst[lane * per_lane + i] = uint8_t(q[i]);
+        if (i < per_lane) dst[ch + i] = uint8_t(q[i]);
     } else if (per_lane == 1) {  // D = 32: channel pairs span two lanes
       const uint32_t odd = __shfl_down_sync(0xffffffffu, q[0], 1);
       if (lane % 2 == 0) dst[lane / 2] = uint8_t(q[0] | odd << 4);
     } else {
 #pragma unroll
       for (int i = 0; i < 4; i += 2)
-        if (i < per_lane) dst[(lane * per_lane + i) / 2] = uint8_t(q[i] | q[i + 1] << 4);
+        if (i < per_lane) dst[(ch + i) / 2] = uint8_t(q[i] | q[i + 1] << 4);
     }
+  }
+}
+
+template <typename T>
+void launch_append(float* qkv, int batch, int T_, int H, int first_head, const KvLayer& cache, int pos0,
+                   const int* pos_dev, const QkvRope<T>& rope, cudaStream_t s) {
+  const int rows = batch * T_, warps = rows * (H + 2 * cache.kv_heads - first_head), threads = 256;
+  const int blocks = int((int64_t(warps) * 32 + threads - 1) / threads);
+  auto go = [&](auto kernel) {
+    launch_kernel(kernel, blocks, threads, 0, s, qkv, rows, T_, H, first_head, cache, pos0, pos_dev, rope);
+  };
+  switch (cache.bits) {
+    case 16: return go(append_kernel<T, 16>);
+    case 8: return go(append_kernel<T, 8>);
+    case 4: return go(append_kernel<T, 4>);
+    default: fail("KV cache: {} bits per value is not a cache format (16, 8, 4)", cache.bits);
   }
 }
 
@@ -103,15 +157,20 @@ __global__ void kv_append_kernel(const float* qkv, int rows, int T_, int H, KvLa
 
 void kv_append(const float* qkv, int batch, int T_, int H, const KvLayer& cache, int pos0, const int* pos_dev,
                cudaStream_t s) {
-  const int rows = batch * T_, warps = rows * 2 * cache.kv_heads, threads = 256;
-  const int blocks = int((int64_t(warps) * 32 + threads - 1) / threads);
-  switch (cache.bits) {
-    case 16: kv_append_kernel<16><<<blocks, threads, 0, s>>>(qkv, rows, T_, H, cache, pos0, pos_dev); break;
-    case 8: kv_append_kernel<8><<<blocks, threads, 0, s>>>(qkv, rows, T_, H, cache, pos0, pos_dev); break;
-    case 4: kv_append_kernel<4><<<blocks, threads, 0, s>>>(qkv, rows, T_, H, cache, pos0, pos_dev); break;
-    default: fail("KV cache: {} bits per value is not a cache format (16, 8, 4)", cache.bits);
-  }
-  TMKIT_CUDA_LAUNCHED();
+  // Without rope the kernel only reads qkv.
+  launch_append(const_cast<float*>(qkv), batch, T_, H, H, cache, pos0, pos_dev, QkvRope<__half>{}, s);
 }
+
+template <typename T>
+void rope_append(float* qkv, const QkvRope<T>& rope, int batch, int T_, int H, const KvLayer& cache, int pos0,
+                 const int* pos_dev, cudaStream_t s) {
+  if (!rope.inv_freq) fail("rope_append: no rotary table");
+  launch_append(qkv, batch, T_, H, 0, cache, pos0, pos_dev, rope, s);
+}
+
+template void rope_append<__half>(float*, const QkvRope<__half>&, int, int, int, const KvLayer&, int, const int*,
+                                  cudaStream_t);
+template void rope_append<__nv_bfloat16>(float*, const QkvRope<__nv_bfloat16>&, int, int, int, const KvLayer&, int,
+                                         const int*, cudaStream_t);
 
 }  // namespace tmkit::cuda

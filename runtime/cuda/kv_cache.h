@@ -61,4 +61,19 @@ class KvCache {
 void kv_append(const float* qkv, int batch, int T_, int H, const KvLayer& cache, int pos0, const int* pos_dev,
                cudaStream_t s);
 
+// q/k/v bias and rotary table for rope_append (as bias_rope's arguments, kernels.h).
+template <typename T>
+struct QkvRope {
+  const T* bias = nullptr;  // [(H + 2 KV) D], or null
+  const float* inv_freq = nullptr;
+  float scale = 1.0f;
+  int rot = 0;  // channels rotated per head
+};
+
+// bias_rope followed by kv_append, in one kernel (decode steps): qkv is left as bias_rope leaves
+// it, and its K and V heads enter the cache.
+template <typename T>
+void rope_append(float* qkv, const QkvRope<T>& rope, int batch, int T_, int H, const KvLayer& cache, int pos0,
+                 const int* pos_dev, cudaStream_t s);
+
 }  // namespace tmkit::cuda

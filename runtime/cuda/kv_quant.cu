@@ -8,6 +8,7 @@
 namespace tmkit::cuda {
 
 __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bits) {
+  pdl_begin();
   const int warp = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
   if (warp >= T_ * KV * 2) return;  // uniform per warp
   const int t = warp / (2 * KV), rest = warp % (2 * KV);  // rest: k heads then v heads
@@ -33,8 +34,7 @@ __global__ void kv_quant_kernel(float* qkv, int T_, int H, int KV, int D, int bi
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s) {
   if (D > 128) fail("KV quantization: head_dim {} > 128 is not supported on the GPU", D);
   const int64_t threads = int64_t(T_) * KV * 2 * 32;
-  kv_quant_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(qkv, T_, H, KV, D, bits);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(kv_quant_kernel, unsigned((threads + 255) / 256), 256, 0, s, qkv, T_, H, KV, D, bits);
 }
 
 }  // namespace tmkit::cuda

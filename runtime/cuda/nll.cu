@@ -7,6 +7,7 @@ namespace tmkit::cuda {
 
 __global__ void nll_kernel(const float* logits, int ld, int V, const int32_t* targets, float* nll) {
   __shared__ float scratch[32];
+  pdl_begin();
   const float* row = logits + size_t(blockIdx.x) * ld;
   float m = -INFINITY;
   for (int c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, row[c]);
@@ -18,8 +19,7 @@ __global__ void nll_kernel(const float* logits, int ld, int V, const int32_t* ta
 }
 
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s) {
-  nll_kernel<<<rows, 256, 0, s>>>(logits, ld, V, targets, nll);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(nll_kernel, rows, 256, 0, s, logits, ld, V, targets, nll);
 }
 
 }  // namespace tmkit::cuda

@@ -7,6 +7,7 @@ namespace tmkit::cuda {
 
 template <typename T>
 __global__ void silu_mul_kernel(const float* __restrict__ gu, int T_, int I, T* __restrict__ out) {
+  pdl_begin();
   const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= size_t(T_) * I) return;
   const size_t t = i / size_t(I), c = i % size_t(I);
@@ -17,8 +18,7 @@ __global__ void silu_mul_kernel(const float* __restrict__ gu, int T_, int I, T* 
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s) {
   const size_t n = size_t(T_) * I;
-  silu_mul_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(gu, T_, I, out);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(silu_mul_kernel<T>, unsigned((n + 255) / 256), 256, 0, s, gu, T_, I, out);
 }
 
 template void silu_mul<__half>(const float*, int, int, __half*, cudaStream_t);

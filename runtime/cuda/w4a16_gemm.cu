@@ -46,6 +46,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   using Shape = GemmShape<MT, WM, NT, S>;
   constexpr int kA = Shape::kA, kB = Shape::kB, kBT = Shape::kBT, kStage = Shape::kStage;
   extern __shared__ uint4 smem[];
+  pdl_begin();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   const int wm = warp % WM, wn = warp / WM;
   const int groups = K / kGroup, tiles = N / 8, m0 = blockIdx.x * Shape::kBM, tile0 = blockIdx.y * kBT;
@@ -157,9 +158,8 @@ void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const 
   using Shape = GemmShape<MT, WM, NT, S>;
   allow_dynamic_smem<w4a16_gemm_kernel<MT, WM, NT, S>>(Shape::kSmem);
   const dim3 grid(unsigned((M + Shape::kBM - 1) / Shape::kBM), unsigned((N / 8 + Shape::kBT - 1) / Shape::kBT));
-  w4a16_gemm_kernel<MT, WM, NT, S><<<grid, kWarps * 32, Shape::kSmem, s>>>(
-      x, M, K, N, reinterpret_cast<const uint4*>(packed), scales, zeros, y);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(w4a16_gemm_kernel<MT, WM, NT, S>, grid, kWarps * 32, Shape::kSmem, s, x, M, K, N,
+                reinterpret_cast<const uint4*>(packed), scales, zeros, y);
 }
 
 }  // namespace

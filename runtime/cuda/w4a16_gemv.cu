@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                         const __half* __restrict__ scales, const __half* __restrict__ zeros, float* __restrict__ y) {
   constexpr int kRegs = MT * NT * 4;
   __shared__ float red[kWarps * kRegs * 32];
+  pdl_begin();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   const int groups = K / kGroup, m0 = blockIdx.x * 16 * MT, tile0 = blockIdx.y * NT;
 
@@ -148,9 +149,8 @@ template <int MT, bool kRows16, int NT, int P>
 void launch_splitk(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales,
                    const __half* zeros, float* y, cudaStream_t s) {
   const dim3 grid(unsigned((M + 16 * MT - 1) / (16 * MT)), unsigned(N / (8 * NT)));
-  w4a16_splitk_kernel<MT, kRows16, NT, P><<<grid, kWarps * 32, 0, s>>>(
-      x, M, K, N, reinterpret_cast<const uint4*>(packed), scales, zeros, y);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(w4a16_splitk_kernel<MT, kRows16, NT, P>, grid, kWarps * 32, 0, s, x, M, K, N,
+                reinterpret_cast<const uint4*>(packed), scales, zeros, y);
 }
 
 }  // namespace

@@ -97,6 +97,9 @@ __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
     return;
   }
 
+  // The consumers read x and write y, so they wait for the kernel before; the producer reads only
+  // the weights, so under programmatic launch (cuda_utils.h) the ring fills during that kernel.
+  pdl_begin();
   const int g = lane / 4, c = lane % 4;
   int it = 0, parity = 0;
   for (int u = blockIdx.x; u < units; u += gridDim.x, parity ^= 1) {
@@ -177,9 +180,8 @@ void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const 
   constexpr int smem = StreamShape<MB, S, P>::kSmem;
   allow_dynamic_smem<kernel>(smem);
   const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
-  kernel<<<unsigned(blocks), (kConsumers + 1) * 32, smem, s>>>(x, M, K, N, reinterpret_cast<const uint4*>(packed),
-                                                              reinterpret_cast<const uint2*>(scale_zero), y);
-  TMKIT_CUDA_LAUNCHED();
+  launch_kernel(kernel, unsigned(blocks), (kConsumers + 1) * 32, smem, s, x, M, K, N,
+                reinterpret_cast<const uint4*>(packed), reinterpret_cast<const uint2*>(scale_zero), y);
 }
 
 }  // namespace

@@ -80,11 +80,11 @@ struct Runtime {
   int threads = 1;
 
   explicit Runtime(const Options& o) {
-    tmkit::ModelWeights w = tmkit::load_workspace(o.model);
+    device = o.device == "auto" ? (tmkit::GpuModel::available() ? "cuda" : "cpu") : o.device;
+    tmkit::ModelWeights w = tmkit::load_workspace(o.model, device == "cuda" ? tmkit::LoadFor::kGpu : tmkit::LoadFor::kCpu);
     tmkit::KvMode mode = tmkit::KvMode::kFp16;
     tmkit::parse_kv_mode(o.kv, &mode);
     const tmkit::KvQuant kv = tmkit::load_kv_quant(o.model, tmkit::load_tm_config(o.model), mode, o.kv_scales == "static");
-    device = o.device == "auto" ? (tmkit::GpuModel::available() ? "cuda" : "cpu") : o.device;
     if (device == "cuda") gpu = std::make_unique<tmkit::GpuModel>(w, kv, gpu_tp(o, w.cfg));
     else cpu = std::make_unique<tmkit::CpuModel>(std::move(w), kv);
     threads = gpu ? 1 : o.threads;
@@ -159,7 +159,7 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
 // say the batch ("pp512 @ b8", as llama-bench's "@ d" for depth).
 int run_bench(const Options& o) {
   if (o.device == "cpu") tmkit::fail("tm-eval bench: runs on --device cuda (the CPU oracle has no KV cache)");
-  const tmkit::ModelWeights w = tmkit::load_workspace(o.model);
+  const tmkit::ModelWeights w = tmkit::load_workspace(o.model, tmkit::LoadFor::kGpu);
   tmkit::KvMode kv = tmkit::KvMode::kFp16;
   tmkit::parse_kv_mode(o.kv, &kv);
   tmkit::GpuModel gpu(w, kv, gpu_tp(o, w.cfg));
@@ -172,9 +172,13 @@ int run_bench(const Options& o) {
   for (const auto& e : tmkit::fs::directory_iterator(tmkit::weights_dir(o.model)))
     if (e.path().filename() != "config.yaml") weight_bytes += tmkit::fs::file_size(e.path());
   double params = double(w.embed.size() + w.output.size() + w.norm.size());
-  for (const auto& l : w.layers)
-    params += double(l.wq.size() + l.wk.size() + l.wv.size() + l.wo.size() + l.w1.size() + l.w3.size() + l.w2.size() +
-                     l.attn_norm.size() + l.ffn_norm.size() + l.bq.size() + l.bk.size() + l.bv.size() + l.bo.size());
+  for (const auto& l : w.layers) {
+    params += double(l.attn_norm.size() + l.ffn_norm.size() + l.bq.size() + l.bk.size() + l.bv.size() + l.bo.size());
+    if (l.qkv4)  // loaded for the GPU: the int4 linears only
+      for (const auto* q : {&l.qkv4, &l.wo4, &l.w13_4, &l.w2_4}) params += double((*q)->K) * double((*q)->N);
+    else
+      params += double(l.wq.size() + l.wk.size() + l.wv.size() + l.wo.size() + l.w1.size() + l.w3.size() + l.w2.size());
+  }
 
   auto time_it = [&](auto&& body) {
     gpu.synchronize();

@@ -1,0 +1,181 @@
+// Dense GEMV for decode steps (M <= kDenseGemvMaxRows): Y[M, N] (fp32) = X[M, K] * W[K, N], W in
+// the workspace's element type, row-major as the GEMMs use it (no second copy of the weights).
+//
+// Why not cuBLAS: at M = 1 the product is a read of W. cuBLAS reads it at ~85% of the copy
+// bandwidth, and its kernels cannot start before the kernel ahead of them ends. Here W is
+// constant, so a block issues its first loads of W before it waits for the previous kernel
+// (programmatic launch, cuda_utils.h): the stream of weights runs on across kernel boundaries.
+//
+// Work: blocks of 8 warps own a tile of 256 columns and a slice of K. Lane l of a warp reads 16 B
+// (columns 8l .. 8l + 7) of one row, so a warp reads 512 contiguous bytes per row and keeps kU rows
+// in flight; warp w takes rows w, w + 8, ... of the slice. The slice's x (M x rows, fp32) sits in
+// shared memory and is read as broadcasts. At the end the 8 warps' sums meet in shared memory
+// (added in warp order), the block writes its slice's partial [slice][M][256] to scratch, and the
+// last block of the tile to arrive (a counter per tile, set back to 0 by that block) adds the
+// slices in order into Y. No float atomics: the result does not depend on scheduling.
+// Slices are sized so that the grid is one wave of ~4 blocks per SM: short K slices keep every SM
+// streaming on narrow layers (4096 columns are only 16 tiles).
+#include "kernels.h"
+
+namespace tmkit::cuda {
+
+namespace {
+
+constexpr int kWarps = 8, kThreads = kWarps * 32, kTileCols = 256, kU = 8;
+constexpr int kRowStep = kWarps * kU;                // slices are multiples of this many rows
+constexpr int kMaxSliceRows = 4096;                   // bounds the x slice in shared memory
+constexpr int kMaxSmem = 4 * kMaxSliceRows * 4;       // MR <= 4 rows of it, fp32
+// Scratch: a counter per tile, then the partials. The counters sit in a fixed place whatever the
+// shape, so that calls of other shapes sharing the scratch never write partials over them.
+constexpr int kMaxTiles = 1024;
+
+struct DenseSplit {
+  int tiles = 0, slices = 0, rows = 0;  // rows per slice
+};
+
+DenseSplit dense_split(int K, int N) {
+  DenseSplit sp;
+  sp.tiles = (N + kTileCols - 1) / kTileCols;
+  // At most one wave of ~4 blocks per SM: a second, partial wave would leave most SMs idle.
+  const int want = std::max(1, 4 * sm_count() / sp.tiles);
+  const int rows = std::min((K + want - 1) / want, kMaxSliceRows);
+  sp.rows = (rows + kRowStep - 1) / kRowStep * kRowStep;
+  sp.slices = (K + sp.rows - 1) / sp.rows;
+  return sp;
+}
+
+__device__ inline void to_float8(uint4 v, const __half*, float (&f)[8]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __half22float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+__device__ inline void to_float8(uint4 v, const __nv_bfloat16*, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+template <typename T, int MR>
+__global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restrict__ x, int M, int K, int N,
+                                                              const T* __restrict__ w, int slice_rows,
+                                                              float* __restrict__ part, int* __restrict__ arrivals,
+                                                              float* __restrict__ y) {
+  extern __shared__ float xs[];  // [MR][slice_rows]; reused for the warps' sums [kWarps][MR][kTileCols]
+  __shared__ bool last_s;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tile = blockIdx.x, slice = blockIdx.y;
+  const int col = tile * kTileCols + 8 * lane, k0 = slice * slice_rows, k1 = min(K, k0 + slice_rows);
+  const bool has_col = col < N;  // N % 8 == 0: a lane's 8 columns are all in or all out
+  const T* wp = w + size_t(col);
+
+  uint4 wr[kU];
+  auto load = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int k = base + u * kWarps;
+      wr[u] = has_col && k < k1 ? __ldcs(reinterpret_cast<const uint4*>(wp + size_t(k) * N)) : uint4{};
+    }
+  };
+  load(k0 + warp);  // the weights do not depend on the kernel before
+  pdl_begin();
+  for (int i = threadIdx.x; i < MR * slice_rows; i += kThreads) {
+    const int m = i / slice_rows, k = k0 + i % slice_rows;
+    xs[i] = m < M && k < k1 ? to_float(x[size_t(m) * K + k]) : 0.0f;
+  }
+  __syncthreads();
+
+  float acc[MR][8] = {};
+  for (int base = k0 + warp;;) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      float f[8];
+      to_float8(wr[u], w, f);
+      const int r = base - k0 + u * kWarps;  // rows past k1 hold zeros, and xs zeros there too
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        const float xv = r < slice_rows ? xs[m * slice_rows + r] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[m][i] += xv * f[i];
+      }
+    }
+    base += kRowStep;
+    if (base >= k1) break;
+    load(base);
+  }
+
+  __syncthreads();  // xs is done: its memory takes the warps' sums
+  float* sums = xs;
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sums[(warp * MR + m) * kTileCols + 8 * lane + i] = acc[m][i];
+  __syncthreads();
+  const int c = threadIdx.x, out_col = tile * kTileCols + c;  // kThreads == kTileCols
+  const int slices = gridDim.y;
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    float s = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) s += sums[(v * MR + m) * kTileCols + c];
+    if (m < M && out_col < N) {
+      if (slices == 1) y[size_t(m) * N + out_col] = s;
+      else part[(size_t(slice) * M + m) * N + out_col] = s;
+    }
+  }
+  if (slices == 1) return;
+
+  __threadfence();  // the partial is visible device-wide before this block counts as arrived
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_s = atomicAdd(&arrivals[tile], 1) == slices - 1;
+    if (last_s) arrivals[tile] = 0;  // ready for the next call
+  }
+  __syncthreads();
+  if (!last_s || out_col >= N) return;
+  __threadfence();
+  for (int m = 0; m < M && m < MR; ++m) {
+    float s = 0.0f;
+    for (int v = 0; v < slices; ++v) s += __ldcg(&part[(size_t(v) * M + m) * N + out_col]);
+    y[size_t(m) * N + out_col] = s;
+  }
+}
+
+template <typename T, int MR>
+void launch_rows(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s) {
+  constexpr auto kernel = dense_gemv_kernel<T, MR>;
+  allow_dynamic_smem<kernel>(kMaxSmem);
+  const DenseSplit sp = dense_split(K, N);
+  const size_t smem = size_t(std::max(MR * sp.rows, kWarps * MR * kTileCols)) * sizeof(float);
+  launch_kernel(kernel, dim3(unsigned(sp.tiles), unsigned(sp.slices)), kThreads, smem, s, x, M, K, N, w, sp.rows,
+                scratch + kMaxTiles, reinterpret_cast<int*>(scratch), y);
+}
+
+}  // namespace
+
+size_t dense_gemv_scratch_floats(int M, int K, int N) {
+  const DenseSplit sp = dense_split(K, N);
+  return size_t(kMaxTiles) + size_t(sp.slices) * size_t(M) * size_t(N);
+}
+
+template <typename T>
+void dense_gemv(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s) {
+  if (M < 1 || M > kDenseGemvMaxRows || K < 1 || N % 8 || N > kMaxTiles * kTileCols)
+    fail("dense_gemv: unsupported shape M={} K={} N={} (M <= {}, N % 8, N <= {})", M, K, N, kDenseGemvMaxRows,
+         kMaxTiles * kTileCols);
+  if (M == 1) return launch_rows<T, 1>(x, M, K, N, w, y, scratch, s);
+  if (M == 2) return launch_rows<T, 2>(x, M, K, N, w, y, scratch, s);
+  launch_rows<T, 4>(x, M, K, N, w, y, scratch, s);
+}
+
+template void dense_gemv<__half>(const __half*, int, int, int, const __half*, float*, float*, cudaStream_t);
+template void dense_gemv<__nv_bfloat16>(const __nv_bfloat16*, int, int, int, const __nv_bfloat16*, float*, float*,
+                                        cudaStream_t);
+
+}  // namespace tmkit::cuda
