@@ -157,4 +157,14 @@ template <typename T> __host__ __device__ inline T from_float(float x);
 template <> __host__ __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+#ifdef __CUDACC__
+// Eight consecutive T (16 bytes: one vector load) as floats.
+template <typename T>
+__device__ inline void to_float8(const uint4& v, float (&f)[8]) {
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_float(e[i]);
+}
+#endif
+
 }  // namespace tmkit::cuda

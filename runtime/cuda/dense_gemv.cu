@@ -44,25 +44,6 @@ DenseSplit dense_split(int K, int N) {
   return sp;
 }
 
-__device__ inline void to_float8(uint4 v, const __half*, float (&f)[8]) {
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __half22float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-__device__ inline void to_float8(uint4 v, const __nv_bfloat16*, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __bfloat1622float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
 template <typename T, int MR>
 __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restrict__ x, int M, int K, int N,
                                                               const T* __restrict__ w, int slice_rows,
@@ -96,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       float f[8];
-      to_float8(wr[u], w, f);
+      to_float8<T>(wr[u], f);
       const int r = base - k0 + u * kWarps;  // rows past k1 hold zeros, and xs zeros there too
 #pragma unroll
       for (int m = 0; m < MR; ++m) {

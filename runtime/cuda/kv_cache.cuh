@@ -56,13 +56,7 @@ struct CacheReader {
   }
   __device__ static void to_float(const Raw& r, float2 p, float (&out)[8]) {
     if constexpr (BITS == 16) {
-      const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-      }
+      to_float8<__half>(r, out);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
