@@ -30,6 +30,7 @@
 // in chunk order, whichever block it is: no float atomics, so the result does not depend on
 // scheduling, and is the same at every replay. (A separate merge kernel cost a launch per layer
 // and decode step.) Chunk 0 always holds key 0, which every query sees, so M is finite.
+#include "block_reduce.cuh"
 #include "kernels.h"
 #include "kv_cache.cuh"
 
@@ -50,7 +51,6 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
   constexpr int L = D / 8, KPS = 32 / L, U = ROWS >= 8 ? 2 : 4, kStep = KPS * U;
   __shared__ float acc_s[kWarps][ROWS][D];
   __shared__ float m_s[kWarps][ROWS], l_s[kWarps][ROWS];
-  __shared__ bool last_s;
 
   pdl_begin();
   if (pos_dev) pos0 = *pos_dev;
@@ -197,17 +197,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
     if (d == 0) part_ml[part] = make_float2(M, den);
   }
 
-  __threadfence();  // the partials are visible device-wide before this block counts as arrived
-  __syncthreads();
   const int used = (key_end + chunk - 1) / chunk;  // the blocks that did not exit at once
-  if (threadIdx.x == 0) {
-    int* count = arrivals + size_t(seq) * gridDim.y + blockIdx.y;
-    last_s = atomicAdd(count, 1) == used - 1;
-    if (last_s) *count = 0;
-  }
-  __syncthreads();
-  if (!last_s) return;
-  __threadfence();
+  if (!last_block_to_arrive(arrivals + size_t(seq) * gridDim.y + blockIdx.y, used)) return;
   for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D, r = r0 + rr;
     if (r >= R) continue;

@@ -15,6 +15,7 @@
 // slices in order into Y. No float atomics: the result does not depend on scheduling.
 // Slices are sized so that the grid is one wave of ~4 blocks per SM: short K slices keep every SM
 // streaming on narrow layers (4096 columns are only 16 tiles).
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace tmkit::cuda {
@@ -50,7 +51,6 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
                                                               float* __restrict__ part, int* __restrict__ arrivals,
                                                               float* __restrict__ y) {
   extern __shared__ float xs[];  // [MR][slice_rows]; reused for the warps' sums [kWarps][MR][kTileCols]
-  __shared__ bool last_s;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tile = blockIdx.x, slice = blockIdx.y;
   const int col = tile * kTileCols + 8 * lane, k0 = slice * slice_rows, k1 = min(K, k0 + slice_rows);
   const bool has_col = col < N;  // N % 8 == 0: a lane's 8 columns are all in or all out
@@ -110,17 +110,7 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
       else part[(size_t(slice) * M + m) * N + out_col] = s;
     }
   }
-  if (slices == 1) return;
-
-  __threadfence();  // the partial is visible device-wide before this block counts as arrived
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_s = atomicAdd(&arrivals[tile], 1) == slices - 1;
-    if (last_s) arrivals[tile] = 0;  // ready for the next call
-  }
-  __syncthreads();
-  if (!last_s || out_col >= N) return;
-  __threadfence();
+  if (slices == 1 || !last_block_to_arrive(&arrivals[tile], slices) || out_col >= N) return;
   for (int m = 0; m < M && m < MR; ++m) {
     float s = 0.0f;
     for (int v = 0; v < slices; ++v) s += __ldcg(&part[(size_t(v) * M + m) * N + out_col]);
