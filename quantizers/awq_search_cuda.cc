@@ -288,7 +288,7 @@ class GpuSearch {
     cuda::add_rmsnorm<__half>(x_.get(), attn_out_.get(), w.bo.size() ? bo16_.get() : nullptr, ffn_norm16_.get(), eps,
                               T_, hid_, xm_.get(), stream_);
     gemm(xm_.get(), wgu16_.get(), gu_.get(), T_, hid_, 2 * I_);
-    cuda::silu_mul<__half>(gu_.get(), T_, I_, d_in_.get(), stream_);
+    cuda::silu_mul<__half>(gu_.get(), T_, I_, false, d_in_.get(), stream_);
     gemm(d_in_.get(), wd16_.get(), mlp_out_.get(), T_, I_, hid_);
     cuda::awq_add(x_.get(), mlp_out_.get(), n, stream_);
     int flag = 0;
@@ -309,7 +309,7 @@ class GpuSearch {
       case Inspect::kOProj: gemm(o_in_.get(), cand16_.get(), out_.get(), T_, HD_, hid_); break;
       case Inspect::kMlp:
         gemm(xm_.get(), cand16_.get(), gu_.get(), T_, hid_, 2 * I_);
-        cuda::silu_mul<__half>(gu_.get(), T_, I_, act_cand_.get(), stream_);
+        cuda::silu_mul<__half>(gu_.get(), T_, I_, false, act_cand_.get(), stream_);
         gemm(act_cand_.get(), wd16_.get(), out_.get(), T_, I_, hid_);
         break;
       case Inspect::kDownProj: gemm(d_in_.get(), cand16_.get(), out_.get(), T_, I_, hid_); break;

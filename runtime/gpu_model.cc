@@ -70,6 +70,28 @@ Mat hcat(std::initializer_list<const Mat*> parts) {
   return out;
 }
 
+// w13's columns [gate I | up I] as blocks [8 gate | the same 8 up] (I % 8 == 0): then the block
+// of a GEMV that sums a gate column sums its up column too, and writes SiLU(gate) * up itself
+// (cuda::GemvOut::act); silu_mul reads the same order.
+Mat interleave_gate_up(const Mat& w13) {
+  const Eigen::Index I = w13.cols() / 2;
+  Mat out(w13.rows(), w13.cols());
+  for (Eigen::Index b = 0; b < I / 8; ++b) {
+    out.middleCols(16 * b, 8) = w13.middleCols(8 * b, 8);
+    out.middleCols(16 * b + 8, 8) = w13.middleCols(I + 8 * b, 8);
+  }
+  return out;
+}
+Int4Linear interleave_gate_up(const Int4Linear& w13) {
+  const int64_t I = w13.N / 2;
+  std::vector<Int4Columns> parts;
+  for (int64_t b = 0; b < I / 8; ++b) {
+    parts.push_back({&w13, 8 * b, 8});
+    parts.push_back({&w13, I + 8 * b, 8});
+  }
+  return concat_columns(parts);
+}
+
 }  // namespace
 
 void gpu_kv_fake_quant(std::vector<float>& qkv, int T, int H, int KV, int D, int bits) {
@@ -169,6 +191,7 @@ struct ImplT final : RankModel {
   struct Layer {
     DeviceBuffer<T> attn_norm, ffn_norm, wqkv, bqkv, wo, bo, w13, w2;
     std::unique_ptr<W4Linear> qkv4, wo4, w13_4, w2_4;  // int4 workspaces: these instead of the dense ones
+    bool gate_up_interleaved = false;  // w13's columns (interleave_gate_up)
   };
   std::vector<Layer> layers;
   DeviceBuffer<T> embed, output, norm;
@@ -186,10 +209,7 @@ struct ImplT final : RankModel {
   DeviceBuffer<char> blas_workspace{32u << 20};
   cudaGraphExec_t decode_graph = nullptr;
   // TMKIT_DECODE_GRAPH=0 runs decode steps as plain launches (to compare, or should a graph fail).
-  const bool graphs = [] {
-    const char* e = std::getenv("TMKIT_DECODE_GRAPH");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  const bool graphs = cuda::switch_on("TMKIT_DECODE_GRAPH");
   float rope_scaling = 1.0f;
   struct Staged {  // what stage() left for launch()
     const int32_t* tokens = nullptr;
@@ -233,15 +253,17 @@ struct ImplT final : RankModel {
       Layer l;
       l.attn_norm = upload<T>(lw.attn_norm);
       l.ffn_norm = upload<T>(lw.ffn_norm);
+      l.gate_up_interleaved = cfg.inter_size[layers.size()] % 8 == 0;
       if (lw.qkv4) {
         l.qkv4 = std::make_unique<W4Linear>(*lw.qkv4);
         l.wo4 = std::make_unique<W4Linear>(*lw.wo4);
-        l.w13_4 = std::make_unique<W4Linear>(*lw.w13_4);
+        l.w13_4 = std::make_unique<W4Linear>(l.gate_up_interleaved ? interleave_gate_up(*lw.w13_4) : *lw.w13_4);
         l.w2_4 = std::make_unique<W4Linear>(*lw.w2_4);
       } else {
         l.wqkv = upload<T>(hcat({&lw.wq, &lw.wk, &lw.wv}));
         l.wo = upload<T>(lw.wo);
-        l.w13 = upload<T>(hcat({&lw.w1, &lw.w3}));
+        const Mat w13 = hcat({&lw.w1, &lw.w3});
+        l.w13 = upload<T>(l.gate_up_interleaved ? interleave_gate_up(w13) : w13);
         l.w2 = upload<T>(lw.w2);
       }
       if (lw.bq.size()) {
@@ -278,10 +300,13 @@ struct ImplT final : RankModel {
   }
 
   // Y[M, N] (fp32) = X[M, K] * W[K, N], all row-major (cuBLAS sees the transposes, column-major).
-  // Decode steps' few rows go to dense_gemv (TMKIT_DENSE_GEMV=0: cuBLAS, for comparison).
-  void gemm(const T* X, const T* W, float* Y, int M, int K, int N, bool w_transposed = false) {
+  // Decode steps' few rows go to dense_gemv (TMKIT_DENSE_GEMV=0: cuBLAS, for comparison), which
+  // alone can write the gated activation (callers ask gemv_writes_act first).
+  void gemm(const T* X, const T* W, const cuda::GemvOut<T>& out, int M, int K, int N, bool w_transposed = false) {
     if (!w_transposed && M <= cuda::kDenseGemvMaxRows && N % 8 == 0 && dense_gemv_on)
-      return cuda::dense_gemv<T>(X, M, K, N, W, Y, gemv_scratch.get(), stream);
+      return cuda::dense_gemv<T>(X, M, K, N, W, out, gemv_scratch.get(), stream);
+    if (out.act) fail("internal: cuBLAS asked for the gated activation ({} rows)", M);
+    float* Y = out.y;
     const float one = 1.0f, zero = 0.0f;
     constexpr cudaDataType_t t = cuda::TypeOf<T>::value;
     TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, W, t,
@@ -289,18 +314,41 @@ struct ImplT final : RankModel {
                                     CUBLAS_GEMM_DEFAULT));
   }
 
-  const bool dense_gemv_on = [] {
-    const char* e = std::getenv("TMKIT_DENSE_GEMV");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  const bool dense_gemv_on = cuda::switch_on("TMKIT_DENSE_GEMV");
   DeviceBuffer<float> gemv_scratch;  // dense_gemv's, for every dense linear of the model
 
   // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
   DeviceBuffer<__half> w4_dense;
-  void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, float* Y, int M, int K, int N) {
-    if (!W4) return gemm(X, W.get(), Y, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, Y, w4_dense, stream);
+  void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, const cuda::GemvOut<T>& out,
+              int M, int K, int N) {
+    if (!W4) return gemm(X, W.get(), out, M, K, N);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_dense, stream);
     else fail("int4 workspaces run with fp16 activations");
+  }
+  // Whether the kernel of this linear at M rows writes the gated activation (GemvOut::act; decode
+  // steps). TMKIT_GATED_GEMV=0 runs SiLU as a kernel of its own, for comparison.
+  const bool gated_gemv_on = cuda::switch_on("TMKIT_GATED_GEMV");
+  bool gemv_writes_act(const std::unique_ptr<W4Linear>& W4, int M, int N) const {
+    if (!gated_gemv_on) return false;
+    return W4 ? W4->streams(M) : M <= cuda::kDenseGemvMaxRows && N % 16 == 0 && dense_gemv_on;
+  }
+
+  // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for the next linear.
+  void residual_linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M, int K, int N,
+                       const T* bias, const T* norm_w, float eps) {
+    linear(X, W, W4, delta.get(), M, K, N);
+    all_reduce(delta.get(), size_t(M) * N);
+    cuda::add_rmsnorm<T>(x.get(), delta.get(), bias, norm_w, eps, M, N, h.get(), stream);
+  }
+  // act = SiLU(h W1) * (h W3), in the GEMV where it can.
+  void gated_linear(const Layer& l, int M, int K, int I) {
+    if (l.gate_up_interleaved && gemv_writes_act(l.w13_4, M, 2 * I)) {
+      cuda::GemvOut<T> out;
+      out.act = act.get();
+      return linear(h.get(), l.w13, l.w13_4, out, M, K, 2 * I);
+    }
+    linear(h.get(), l.w13, l.w13_4, gu.get(), M, K, 2 * I);
+    cuda::silu_mul<T>(gu.get(), M, I, l.gate_up_interleaved, act.get(), stream);
   }
 
   // Buffers for `rows` token rows (`logit_rows` of logits) and the RoPE table for sequences of
@@ -424,10 +472,13 @@ struct ImplT final : RankModel {
     const cudaStream_t s = stream;
 
     cuda::embedding<T>(ids_d.get(), rows, embed.get(), hid, x.get(), s);
+    // Each layer leaves h = the next norm of the residual stream x: the next layer's attn_norm, or
+    // after the last layer the final norm.
+    cuda::add_rmsnorm<T>(x.get(), nullptr, nullptr, layers.empty() ? norm.get() : layers[0].attn_norm.get(), eps, rows,
+                         hid, h.get(), s);
     for (size_t li = 0; li < layers.size(); ++li) {
       Layer& l = layers[li];
       const int I = int(cfg.inter_size[li]);
-      cuda::add_rmsnorm<T>(x.get(), li ? delta.get() : nullptr, nullptr, l.attn_norm.get(), eps, rows, hid, h.get(), s);
       linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w);
       float* stats = collect_kv_stats ? kv_stats_d.get() + li * 9 * size_t(KV * D) : nullptr;
       if (stats) cuda::kv_stats<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D, true, stats, s);
@@ -456,17 +507,14 @@ struct ImplT final : RankModel {
         cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), qkv.get() + size_t(H) * D, qkv.get() + size_t(H + KV) * D,
                                    size_t(qkv_w), B, T_, H, KV, D, scale, attn.get(), s);
       }
-      linear(attn.get(), l.wo, l.wo4, delta.get(), rows, H * D, hid);
-      all_reduce(delta.get(), size_t(rows) * hid);  // the wo bias comes after, on every rank
-      cuda::add_rmsnorm<T>(x.get(), delta.get(), l.bo.size() ? l.bo.get() : nullptr, l.ffn_norm.get(), eps, rows, hid,
-                           h.get(), s);
-      linear(h.get(), l.w13, l.w13_4, gu.get(), rows, hid, 2 * I);
-      cuda::silu_mul<T>(gu.get(), rows, I, act.get(), s);
-      linear(act.get(), l.w2, l.w2_4, delta.get(), rows, I, hid);
-      all_reduce(delta.get(), size_t(rows) * hid);
+      // The wo bias is added after the all-reduce, on every rank.
+      residual_linear(attn.get(), l.wo, l.wo4, rows, H * D, hid, l.bo.size() ? l.bo.get() : nullptr,
+                      l.ffn_norm.get(), eps);
+      gated_linear(l, rows, hid, I);
+      residual_linear(act.get(), l.w2, l.w2_4, rows, I, hid, nullptr,
+                      li + 1 < layers.size() ? layers[li + 1].attn_norm.get() : norm.get(), eps);
     }
     if (rank > 0) return;  // the ranks' residual streams are equal: rank 0 alone runs the head
-    cuda::add_rmsnorm<T>(x.get(), delta.get(), nullptr, norm.get(), eps, rows, hid, h.get(), s);
     if (!nll_only) {
       gemm(h.get(), output.get(), logits_d.get(), rows, hid, V, /*w_transposed=*/true);  // output is [V_pad, hid]
       return;

@@ -39,12 +39,13 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
   TMKIT_CUDA_CHECK(cudaDeviceSynchronize());  // `raw` is freed on return
 }
 
-void W4Linear::run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
-                   cudaStream_t st, Path path) const {
+void W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
+                   cuda::DeviceBuffer<__half>& dense, cudaStream_t st, Path path) const {
+  if (streams(M, path)) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), out, st);
+  if (out.act) fail("int4 linear [{}, {}]: {} rows take a kernel that writes no activation", K, N, M);
+  float* y = out.y;
   switch (choose(M, path)) {
-    case Path::kGemv:
-      if (M <= 16 && N % 16 == 0) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), y, st);
-      return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     default: break;
   }

@@ -3,6 +3,7 @@
 // files on disk keep the spec's layout; only device memory holds the packed one.
 #pragma once
 #include "cuda/cuda_utils.h"
+#include "cuda/kernels.h"
 #include "int4.h"
 
 namespace tmkit {
@@ -22,9 +23,11 @@ class W4Linear {
   static constexpr int kGemvRows = 16, kGemmRows = 128;
 
   // y[M, N] (fp32) = x[M, K] (fp16) * W; `dense` holds the dequantized W on the kDense path
-  // (grown as needed). kGemv takes M <= 32.
-  void run(cublasHandle_t blas, const __half* x, int M, float* y, cuda::DeviceBuffer<__half>& dense,
-           cudaStream_t st, Path path = Path::kAuto) const;
+  // (grown as needed). kGemv takes M <= 32. Only the streaming kernel does more than write y
+  // (cuda::GemvOut): callers ask streams() first.
+  void run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
+           cuda::DeviceBuffer<__half>& dense, cudaStream_t st, Path path = Path::kAuto) const;
+  bool streams(int M, Path path = Path::kAuto) const { return choose(M, path) == Path::kGemv && M <= 16 && N % 16 == 0; }
   // The `dense` elements run(M) needs (0 off the kDense path): callers capturing CUDA graphs grow it first.
   size_t dense_elements(int M) const { return choose(M, Path::kAuto) == Path::kDense ? size_t(K) * size_t(N) : 0; }
 

@@ -18,6 +18,15 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
                                                               const T* __restrict__ bias, const T* __restrict__ w,
                                                               float eps, int hidden, T* __restrict__ y) {
   __shared__ float scratch[32];
+  // The weights and the bias are constants: loaded before the wait for the kernel ahead
+  // (programmatic launch, cuda_utils.h), they cost a decode step no round trip of their own.
+  float wv[kPer], bv[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    wv[i] = c < hidden ? to_float(w[c]) : 0.0f;
+    bv[i] = c < hidden && delta && bias ? to_float(bias[c]) : 0.0f;
+  }
   pdl_begin();
   float* row = x + size_t(blockIdx.x) * hidden;
   const float* d = delta ? delta + size_t(blockIdx.x) * hidden : nullptr;
@@ -27,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
   for (int i = 0; i < kPer; ++i) {
     const int c = threadIdx.x + i * kThreads;
     v[i] = c < hidden ? row[c] : 0.0f;
-    if (d && c < hidden) v[i] += d[c] + (bias ? to_float(bias[c]) : 0.0f);
+    if (d && c < hidden) v[i] += d[c] + bv[i];
   }
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
@@ -40,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int c = threadIdx.x + i * kThreads;
-    if (c < hidden) out[c] = from_float<T>(v[i] * inv * to_float(w[c]));
+    if (c < hidden) out[c] = from_float<T>(v[i] * inv * wv[i]);
   }
 }
 

@@ -53,21 +53,16 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
   __shared__ float m_s[kWarps][ROWS], l_s[kWarps][ROWS];
 
   pdl_begin();
-  if (pos_dev) pos0 = *pos_dev;
-  const int key_end = pos0 + T_, c = blockIdx.x, first = c * chunk;
-  if (first >= key_end) return;  // uniform across the block, before any barrier
-  const int last = min(first + chunk, key_end);
   const int kvh = blockIdx.y / row_groups, r0 = (blockIdx.y % row_groups) * ROWS, seq = blockIdx.z;
   const int G = H / KV, R = G * T_;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slot = lane / L, grp = lane % L;
   const Kv kv{cache};
 
+  // q before the position: both loads in flight together (one round trip, not two).
   float qr[ROWS][8], m[ROWS], l[ROWS], acc[ROWS][8];
-  int limit[ROWS];  // the last key row r may see (causal); -1 for rows past R
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int r = r0 + rr;
-    limit[rr] = -1;
     m[rr] = -INFINITY;
     l[rr] = 0.0f;
 #pragma unroll
@@ -79,9 +74,15 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
       const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
       for (int i = 0; i < 8; ++i) qr[rr][i] = v[i] * scale_log2;
-      limit[rr] = pos0 + t;
     }
   }
+  if (pos_dev) pos0 = *pos_dev;
+  const int key_end = pos0 + T_, c = blockIdx.x, first = c * chunk;
+  if (first >= key_end) return;  // uniform across the block, before any barrier
+  const int last = min(first + chunk, key_end);
+  int limit[ROWS];  // the last key row r may see (causal); -1 for rows past R
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) limit[rr] = r0 + rr < R ? pos0 + (r0 + rr) / G : -1;
 
   for (int base = first + warp * kStep; base < last; base += kWarps * kStep) {
     Raw kr[U], vr[U];
@@ -177,6 +178,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
     }
   }
   __syncthreads();
+  // One chunk holds every key so far (early positions): this block's result is the output, and
+  // it is the same value the merge below would compute (one term, factor 2^0).
+  const int used = (key_end + chunk - 1) / chunk;  // the blocks that did not exit at once
   for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D, r = r0 + rr;
     if (r >= R) continue;
@@ -192,13 +196,16 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
         den += l_s[w][rr] * f;
       }
     const int t = r / G, h = kvh * G + r % G;
-    const size_t part = ((size_t(seq) * T_ + t) * H + h) * size_t(chunks) + size_t(c);
+    const size_t row = (size_t(seq) * T_ + t) * H + h, part = row * size_t(chunks) + size_t(c);
+    if (used == 1) {
+      out[row * D + d] = from_float<T>(num / den);
+      continue;
+    }
     part_acc[part * D + d] = num;
     if (d == 0) part_ml[part] = make_float2(M, den);
   }
 
-  const int used = (key_end + chunk - 1) / chunk;  // the blocks that did not exit at once
-  if (!last_block_to_arrive(arrivals + size_t(seq) * gridDim.y + blockIdx.y, used)) return;
+  if (used == 1 || !last_block_to_arrive(arrivals + size_t(seq) * gridDim.y + blockIdx.y, used)) return;
   for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
     const int rr = idx / D, d = idx % D, r = r0 + rr;
     if (r >= R) continue;

@@ -110,11 +110,13 @@ void allow_dynamic_smem(int bytes) {
 // small-llama's prefill 40% slower (pp512 345k vs 580k t/s, H200), while its graph-replayed
 // decode gained 33%. TMKIT_PDL=0 launches plainly, for comparison; kernels launched with <<<>>>
 // are unaffected (the wait is a no-op for them, and they wait for the whole of the kernel before).
+// The runtime's switches for comparisons (TMKIT_PDL, TMKIT_DENSE_GEMV, ...): on unless set to "0".
+inline bool switch_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
+}
 inline bool programmatic_launch_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("TMKIT_PDL");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = switch_on("TMKIT_PDL");
   return on;
 }
 

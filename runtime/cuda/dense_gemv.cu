@@ -12,10 +12,13 @@
 // shared memory and is read as broadcasts. At the end the 8 warps' sums meet in shared memory
 // (added in warp order), the block writes its slice's partial [slice][M][256] to scratch, and the
 // last block of the tile to arrive (a counter per tile, set back to 0 by that block) adds the
-// slices in order into Y. No float atomics: the result does not depend on scheduling.
+// slices in order into Y (or, for the gate/up linear, writes SiLU(gate) * up: GemvOut, whose
+// [8 gate | 8 up] columns put both halves of an output in one tile). No float atomics: the result
+// does not depend on scheduling.
 // Slices are sized so that the grid is one wave of ~4 blocks per SM: short K slices keep every SM
 // streaming on narrow layers (4096 columns are only 16 tiles).
 #include "block_reduce.cuh"
+#include "gemv_out.cuh"
 #include "kernels.h"
 
 namespace tmkit::cuda {
@@ -49,7 +52,7 @@ template <typename T, int MR>
 __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restrict__ x, int M, int K, int N,
                                                               const T* __restrict__ w, int slice_rows,
                                                               float* __restrict__ part, int* __restrict__ arrivals,
-                                                              float* __restrict__ y) {
+                                                              const GemvOut<T> out) {
   extern __shared__ float xs[];  // [MR][slice_rows]; reused for the warps' sums [kWarps][MR][kTileCols]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tile = blockIdx.x, slice = blockIdx.y;
   const int col = tile * kTileCols + 8 * lane, k0 = slice * slice_rows, k1 = min(K, k0 + slice_rows);
@@ -100,32 +103,47 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
   __syncthreads();
   const int c = threadIdx.x, out_col = tile * kTileCols + c;  // kThreads == kTileCols
   const int slices = gridDim.y;
+  float s[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
-    float s = 0.0f;
+    s[m] = 0.0f;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) s += sums[(v * MR + m) * kTileCols + c];
-    if (m < M && out_col < N) {
-      if (slices == 1) y[size_t(m) * N + out_col] = s;
-      else part[(size_t(slice) * M + m) * N + out_col] = s;
-    }
+    for (int v = 0; v < kWarps; ++v) s[m] += sums[(v * MR + m) * kTileCols + c];
+    if (slices > 1 && m < M && out_col < N) part[(size_t(slice) * M + m) * N + out_col] = s[m];
   }
-  if (slices == 1 || !last_block_to_arrive(&arrivals[tile], slices) || out_col >= N) return;
-  for (int m = 0; m < M && m < MR; ++m) {
-    float s = 0.0f;
-    for (int v = 0; v < slices; ++v) s += __ldcg(&part[(size_t(v) * M + m) * N + out_col]);
-    y[size_t(m) * N + out_col] = s;
+  // One block per tile holds the tile's whole sums: the only slice, or the last slice to arrive.
+  const bool whole = slices == 1 || last_block_to_arrive(&arrivals[tile], slices);
+  if (whole && slices > 1)
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      s[m] = 0.0f;
+      if (m < M && out_col < N)
+        for (int v = 0; v < slices; ++v) s[m] += __ldcg(&part[(size_t(v) * M + m) * N + out_col]);
+    }
+  if (whole && out.act) {  // a gate column's thread needs its up column's sum (c + 8, same tile)
+    __syncthreads();  // the warps' sums are read
+#pragma unroll
+    for (int m = 0; m < MR; ++m) sums[m * kTileCols + c] = s[m];
+    __syncthreads();
+  }
+  if (!whole || out_col >= N) return;
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    if (m >= M) break;
+    if (!out.act) out.y[size_t(m) * N + out_col] = s[m];
+    else if (is_gate_column(c)) store_gated(out, N, m, out_col, s[m], sums[m * kTileCols + c + 8]);
   }
 }
 
 template <typename T, int MR>
-void launch_rows(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s) {
+void launch_rows(const T* x, int M, int K, int N, const T* w, const GemvOut<T>& out, float* scratch,
+                 cudaStream_t s) {
   constexpr auto kernel = dense_gemv_kernel<T, MR>;
   allow_dynamic_smem<kernel>(kMaxSmem);
   const DenseSplit sp = dense_split(K, N);
   const size_t smem = size_t(std::max(MR * sp.rows, kWarps * MR * kTileCols)) * sizeof(float);
   launch_kernel(kernel, dim3(unsigned(sp.tiles), unsigned(sp.slices)), kThreads, smem, s, x, M, K, N, w, sp.rows,
-                scratch + kMaxTiles, reinterpret_cast<int*>(scratch), y);
+                scratch + kMaxTiles, reinterpret_cast<int*>(scratch), out);
 }
 
 }  // namespace
@@ -136,17 +154,19 @@ size_t dense_gemv_scratch_floats(int M, int K, int N) {
 }
 
 template <typename T>
-void dense_gemv(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s) {
-  if (M < 1 || M > kDenseGemvMaxRows || K < 1 || N % 8 || N > kMaxTiles * kTileCols)
-    fail("dense_gemv: unsupported shape M={} K={} N={} (M <= {}, N % 8, N <= {})", M, K, N, kDenseGemvMaxRows,
-         kMaxTiles * kTileCols);
-  if (M == 1) return launch_rows<T, 1>(x, M, K, N, w, y, scratch, s);
-  if (M == 2) return launch_rows<T, 2>(x, M, K, N, w, y, scratch, s);
-  launch_rows<T, 4>(x, M, K, N, w, y, scratch, s);
+void dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
+                cudaStream_t s) {
+  if (M < 1 || M > kDenseGemvMaxRows || K < 1 || N % 8 || N > kMaxTiles * kTileCols || (out.act && N % 16))
+    fail("dense_gemv: unsupported shape M={} K={} N={} (M <= {}, N % 8, N <= {}, gated: N % 16)", M, K, N,
+         kDenseGemvMaxRows, kMaxTiles * kTileCols);
+  if (M == 1) return launch_rows<T, 1>(x, M, K, N, w, out, scratch, s);
+  if (M == 2) return launch_rows<T, 2>(x, M, K, N, w, out, scratch, s);
+  launch_rows<T, 4>(x, M, K, N, w, out, scratch, s);
 }
 
-template void dense_gemv<__half>(const __half*, int, int, int, const __half*, float*, float*, cudaStream_t);
-template void dense_gemv<__nv_bfloat16>(const __nv_bfloat16*, int, int, int, const __nv_bfloat16*, float*, float*,
-                                        cudaStream_t);
+template void dense_gemv<__half>(const __half*, int, int, int, const __half*, const GemvOut<__half>&, float*,
+                                 cudaStream_t);
+template void dense_gemv<__nv_bfloat16>(const __nv_bfloat16*, int, int, int, const __nv_bfloat16*,
+                                        const GemvOut<__nv_bfloat16>&, float*, cudaStream_t);
 
 }  // namespace tmkit::cuda

@@ -3,6 +3,7 @@
 // [tokens, features]; the residual stream and GEMM outputs are fp32 (see gpu_model.cu for why).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_utils.h"
 #include "kv_cache.h"
@@ -47,9 +48,26 @@ void kv_histogram(const float* qkv, const T* bias, int rows, int H, int KV, int 
 // 8 or 4 quantize and dequantize per token and kv head, 16 rounds to fp16.
 void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStream_t s);
 
-// out[t, c] = silu(gu[t, c]) * gu[t, I + c] for gu = [gate | up] of width 2I.
+// out[t, c] = silu(gate c) * (up c) for the rows of gu [T, 2I]: gu = [gate | up], or, with
+// `interleaved`, blocks of 8 gate columns each followed by the same 8 up columns
+// (interleave_gate_up in gpu_model.cc: the order GemvOut::act reads).
 template <typename T>
-void silu_mul(const float* gu, int T_, int I, T* out, cudaStream_t s);
+void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStream_t s);
+
+// Where a decode GEMV (dense_gemv, w4a16_stream) puts its fp32 sums S[M, N] = x W: in y, or, for
+// the gate/up linear, as act[M, N / 2] = silu(gate) * up in T, W's columns being
+// [8 gate | the same 8 up] blocks (then the block that sums a gate column sums its up column too,
+// and the SiLU step needs no kernel of its own).
+template <typename T>
+struct GemvOut {
+  GemvOut(float* plain = nullptr) : y(plain) {}  // NOLINT: a float* is the plain output
+  float* y = nullptr;
+  T* act = nullptr;
+};
+// std::type_identity_t (the CUDA files build as C++17): T comes from the other arguments, and a
+// plain float* converts to a GemvOut.
+template <typename T>
+using NoDeduce = typename std::enable_if<true, T>::type;
 
 // Causal GQA attention of B sequences of T queries into out [B T, H D] (row b T + t); never
 // materializes the [T, T] scores (attention_prefill.cu). Queries: fp32 rows b T + t of q (stride
@@ -75,8 +93,8 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
                 float* y, cudaStream_t s, int variant = 0);
 // M <= 16, N % 16 == 0: the weights streamed through shared memory by a persistent grid
 // (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them.
-void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
-                  cudaStream_t s, int variant = 0);
+void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+                  const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
 // scales and zeros [K/128, N] -> w4a16_stream's order (K / 128 * N words); N % 16 == 0.
@@ -92,7 +110,8 @@ void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __hal
 constexpr int kDenseGemvMaxRows = 4;
 size_t dense_gemv_scratch_floats(int M, int K, int N);
 template <typename T>
-void dense_gemv(const T* x, int M, int K, int N, const T* w, float* y, float* scratch, cudaStream_t s);
+void dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
+                cudaStream_t s);
 
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);

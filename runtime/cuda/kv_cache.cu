@@ -68,36 +68,46 @@ namespace {
 template <typename T, int BITS>
 __global__ void append_kernel(float* qkv, int rows, int T_, int H, int first_head, KvLayer c, int pos0,
                               const int* pos_dev, QkvRope<T> rope) {
-  pdl_begin();
   const int warp = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
   const int KV = c.kv_heads, D = c.head_dim, per_lane = D / 32, heads = H + 2 * KV - first_head;
-  if (warp >= rows * heads) return;  // uniform per warp
+  const bool active = warp < rows * heads;  // uniform per warp
   const int row = warp / heads, head = first_head + warp % heads;  // head: q heads, then K, then V
-  const int seq = row / T_, pos = (pos_dev ? *pos_dev : pos0) + row % T_, ch = lane * per_lane;
+  const int ch = lane * per_lane;
+  // The bias and the rotation's frequencies are constants: loaded before the wait for the kernel
+  // ahead (programmatic launch, cuda_utils.h), they cost a decode step no round trip of their own.
+  float bias[4] = {}, freq[4] = {};
+  if (active && rope.inv_freq)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (rope.bias && i < per_lane) bias[i] = to_float(rope.bias[size_t(head) * D + ch + i]);
+      const int j = (ch + i) / 2;  // the pair of channel ch + i
+      if (i < per_lane && 2 * j < rope.rot) freq[i] = rope.inv_freq[j];
+    }
+  pdl_begin();
+  if (!active) return;
+  const int seq = row / T_, pos = (pos_dev ? *pos_dev : pos0) + row % T_;
   float* x = qkv + size_t(row) * (H + 2 * KV) * D + size_t(head) * D + ch;
   float v[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = i < per_lane ? x[i] : 0.0f;
 
   if (rope.inv_freq) {
-    if (rope.bias)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (i < per_lane) v[i] += to_float(rope.bias[size_t(head) * D + ch + i]);
+    for (int i = 0; i < 4; ++i) v[i] += bias[i];
     if (head < H + KV) {  // q and k are rotated, v is not
       if (per_lane == 1) {  // D = 32: lane 2j holds channel 2j, lane 2j + 1 channel 2j + 1
         const float other = __shfl_xor_sync(0xffffffffu, v[0], 1);
         const int j = ch / 2;
         if (2 * j < rope.rot) {
           float a = lane % 2 ? other : v[0], b = lane % 2 ? v[0] : other;
-          rope_rotate(a, b, float(pos), rope.inv_freq[j], rope.scale);
+          rope_rotate(a, b, float(pos), freq[0], rope.scale);
           v[0] = lane % 2 ? b : a;
         }
       } else {
 #pragma unroll
         for (int i = 0; i < 4; i += 2) {
           const int j = (ch + i) / 2;
-          if (i < per_lane && 2 * j < rope.rot) rope_rotate(v[i], v[i + 1], float(pos), rope.inv_freq[j], rope.scale);
+          if (i < per_lane && 2 * j < rope.rot) rope_rotate(v[i], v[i + 1], float(pos), freq[i], rope.scale);
         }
       }
     }

@@ -17,7 +17,8 @@
 // a0/a2 and a1/a3), B = x^T (8 rows of x per mma: lane (g, c) holds row g's pairs {2c, 2c+1},
 // {2c+8, 2c+9} of a k-tile), so one mma covers 256 weights and each x register feeds P pairs. The
 // scale applies per group in fp32 to the mma sums (exact). At the unit's end the 8 warps' partial
-// sums meet in shared memory and are added in warp order (deterministic).
+// sums meet in shared memory and are added in warp order (deterministic); a unit's two tiles are
+// a gate tile and its up tile when the caller asks for SiLU(gate) * up (GemvOut).
 //
 // Measured on an H200 (bench-kernels, docs/performance.md): 3 blocks of 3 stages per SM at M <= 8
 // (more warps beat deeper rings: the consumers, ~170 instructions per KB, are the limit, not the
@@ -28,6 +29,7 @@
 // Scale/zero layout (w4_pack_scale_zero): per (pair, group) 8 uint2, entry g = {half2(scale, zero)
 // of column 16p + g, half2(scale, zero) of column 16p + 8 + g}: lane (g, c) reads its two columns'
 // constants in one 8-byte load.
+#include "gemv_out.cuh"
 #include "kernels.h"
 #include "w4a16_common.cuh"
 
@@ -56,7 +58,7 @@ struct StreamShape {
 template <int MB, int S, int kBlocksPerSm, int P>
 __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
     w4a16_stream_kernel(const __half* __restrict__ x, int M, int K, int N, const uint4* __restrict__ packed,
-                        const uint2* __restrict__ scale_zero, float* __restrict__ y) {
+                        const uint2* __restrict__ scale_zero, const GemvOut<__half> out) {
   using Shape = StreamShape<MB, S, P>;
   constexpr int kStageBytes = Shape::kStageBytes;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -161,40 +163,46 @@ __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) r[(warp * kRegs + i) * 32 + lane] = a[i];
     asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory");
+    // Register i of lane l: row 8 mb + 2 (l % 4) + (i & 1); column l / 4 of tile 2 (P u + p) for
+    // i % 4 < 2, of the tile after it else (with GemvOut::act: the gate and its up column).
+    auto sum_of = [&](int i, int l) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kConsumers; ++w) sum += r[(w * kRegs + i) * 32 + l];
+      return sum;
+    };
     for (int idx = threadIdx.x; idx < kRegs * 32; idx += kConsumers * 32) {
       const int i = idx / 32, l = idx % 32, mb = i / (4 * P), p = (i / 4) % P;
       const int row = 8 * mb + 2 * (l % 4) + (i & 1), col = 16 * (P * u + p) + ((i % 4) >= 2 ? 8 : 0) + l / 4;
       if (row >= M) continue;
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kConsumers; ++w) sum += r[(w * kRegs + i) * 32 + l];
-      y[size_t(row) * N + col] = sum;
+      if (!out.act) out.y[size_t(row) * N + col] = sum_of(i, l);
+      else if (i % 4 < 2) store_gated(out, N, row, col, sum_of(i, l), sum_of(i + 2, l));
     }
   }
 }
 
 template <int MB, int S, int kBlocksPerSm, int P>
-void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
-            cudaStream_t s) {
+void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+            const GemvOut<__half>& out, cudaStream_t s) {
   constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P>;
   constexpr int smem = StreamShape<MB, S, P>::kSmem;
   allow_dynamic_smem<kernel>(smem);
   const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
   launch_kernel(kernel, unsigned(blocks), (kConsumers + 1) * 32, smem, s, x, M, K, N,
-                reinterpret_cast<const uint4*>(packed), reinterpret_cast<const uint2*>(scale_zero), y);
+                reinterpret_cast<const uint4*>(packed), reinterpret_cast<const uint2*>(scale_zero), out);
 }
 
 }  // namespace
 
-void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
-                  cudaStream_t s, int variant) {
+void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+                  const GemvOut<__half>& out, cudaStream_t s, int variant) {
   if (M < 1 || M > 16 || K % kGroup || N % 16)
     fail("w4a16_stream: unsupported shape M={} K={} N={} (M <= 16, K % 128, N % 16)", M, K, N);
   // Variant 1: bench-kernels' comparison, 2 blocks of 4 stages per SM with one pair per unit.
-  if (M <= 8) return variant == 1 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, y, s)
-                                  : launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, y, s);
-  if (variant == 1 || N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, y, s);
-  launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, y, s);
+  if (M <= 8) return variant == 1 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s)
+                                  : launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, out, s);
+  if (variant == 1 || N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s);
+  launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, out, s);
 }
 
 }  // namespace tmkit::cuda
