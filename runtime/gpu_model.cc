@@ -302,8 +302,9 @@ struct ImplT final : RankModel {
   // Y[M, N] (fp32) = X[M, K] * W[K, N], all row-major (cuBLAS sees the transposes, column-major).
   // Decode steps' few rows go to dense_gemv (TMKIT_DENSE_GEMV=0: cuBLAS, for comparison), which
   // alone can write the gated activation (callers ask gemv_writes_act first).
+  bool takes_dense_gemv(int M, int N) const { return M <= cuda::kDenseGemvMaxRows && N % 8 == 0 && dense_gemv_on; }
   void gemm(const T* X, const T* W, const cuda::GemvOut<T>& out, int M, int K, int N, bool w_transposed = false) {
-    if (!w_transposed && M <= cuda::kDenseGemvMaxRows && N % 8 == 0 && dense_gemv_on)
+    if (!w_transposed && takes_dense_gemv(M, N))
       return cuda::dense_gemv<T>(X, M, K, N, W, out, gemv_scratch.get(), stream);
     if (out.act) fail("internal: cuBLAS asked for the gated activation ({} rows)", M);
     float* Y = out.y;
@@ -330,7 +331,7 @@ struct ImplT final : RankModel {
   const bool gated_gemv_on = cuda::switch_on("TMKIT_GATED_GEMV");
   bool gemv_writes_act(const std::unique_ptr<W4Linear>& W4, int M, int N) const {
     if (!gated_gemv_on) return false;
-    return W4 ? W4->streams(M) : M <= cuda::kDenseGemvMaxRows && N % 16 == 0 && dense_gemv_on;
+    return W4 ? W4->streams(M) : takes_dense_gemv(M, N) && N % 16 == 0;
   }
 
   // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for the next linear.

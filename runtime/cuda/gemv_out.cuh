@@ -1,6 +1,6 @@
 // The device side of GemvOut (kernels.h): the gated activation written by the decode GEMVs.
 //
-// Measured (H200, tm-eval bench tg128, TMKIT_GEMV_EPILOGUE=0 for the separate kernels): SiLU in
+// Measured (H200, tm-eval bench tg128; TMKIT_GATED_GEMV=0 runs the separate SiLU kernel): SiLU in
 // the GEMV, 7B-shape int4 517 -> 525 t/s, small-llama 7,300 -> 7,500. Tried and dropped: the
 // residual add into the GEMV's stores (521: a load before each store) and the RMSNorm by the last
 // block to finish (480: a fence, an arrival counter and two passes over the row in one block are
