@@ -503,11 +503,13 @@ TEST(GpuDecode, QuantizedCacheMatchesFullForward) {
     std::printf("KV %s: cached decode vs full forward rel-L2 %.3g (vs fp16 KV: %.3g); cache %zu bytes, %.1f%% of fp16's %zu\n",
                 kv_mode_name(mode), rel, vs16, gpu.kv_cache_bytes(), 100.0 * double(gpu.kv_cache_bytes()) / double(bytes16),
                 bytes16);
-    // Not bit-exact: the step's M = 1 products sum in another order than the full forward's, and a
-    // last-ulp change in K or V moves a value across a code boundary now and then. The bar keeps
-    // that noise well below the quantization's own effect on the logits (measured: int8 2.3e-3
-    // against 1.1e-2, int4 2.9e-2 against 1.8e-1).
-    EXPECT_LE(rel, vs16 / 3) << kv_mode_name(mode);
+    // Not bit-exact: the step's M = 1 products sum in another order than the full forward's, a
+    // last-ulp change in K or V moves a value across a code boundary now and then, and prefill
+    // attention (tensor cores) rounds the dequantized K and V to fp16 where decode reads them in
+    // fp32 (2^-12 relative: far below an int8 step). The bar keeps that noise well below the
+    // quantization's own effect on the logits (measured: int8 3.8e-3 against 1.1e-2, 2.3e-3 with
+    // fp32 prefill attention; int4 3.6e-2 against 1.9e-1).
+    EXPECT_LE(rel, vs16 / 2) << kv_mode_name(mode);
     EXPECT_LT(gpu.kv_cache_bytes(), bytes16);
   }
 }

@@ -1,35 +1,35 @@
-// Causal GQA attention of B sequences, flash-attention style (online softmax; the [T, T] score
-// matrix never exists in memory). Queries are rows pos0 .. pos0 + T - 1 of each sequence; keys and
-// values are rows 0 .. pos0 + T - 1, read through a reader (kv_cache.cuh): the fp32 qkv buffer
-// itself for a plain forward (pos0 = 0), or the KV cache in fp16/int8/int4 for prefill-with-cache.
-// Few queries over a long cache (decode) go to attention_decode.cu instead, which splits the keys.
+// Causal GQA attention of B sequences on tensor cores, flash-attention style (online softmax; the
+// [T, T] score matrix never exists in memory). Queries are rows pos0 .. pos0 + T - 1 of each
+// sequence; keys and values are rows 0 .. pos0 + T - 1, read through a reader (kv_cache.cuh): the
+// fp32 qkv buffer itself for a plain forward (pos0 = 0), or the KV cache in fp16/int8/int4 for
+// prefill-with-cache. Few queries over a long cache (decode) go to attention_decode.cu instead,
+// which splits the keys.
 //
-// Grid (ceil(T / BQ), H, B): one block per tile of BQ = 16 query rows of one head of one sequence;
-// 4 warps, each owning ROWS = 4 of those rows. Shared memory per block (D = 128: 40.5 KB):
-//   q_s [BQ][D]      the tile's queries, pre-multiplied by the softmax scale
-//   k_s [BK][D + 1]  BK = 32 keys of the head's kv head, dequantized to fp32; +1 so that lane j
-//                    reading key j's channel d hits bank (j + d) % 32: no conflicts. Filled with
-//                    consecutive threads on consecutive keys (same 8-channel group), so that their
-//                    scalar stores fall in distinct banks too.
-//   v_s [BK][D]      the same keys' values; lane l reads channels l, l + 32, ...: no conflicts.
-//                    Filled with consecutive threads on consecutive 8-channel groups of one key:
-//                    coalesced loads, float4 stores.
-// Converting to fp32 once per tile in shared memory keeps the inner loops free of the cache format.
-// For each key tile and each of its rows, a warp computes 32 scores (lane j: key k0 + j), folds
-// them into the running max m, sum l and the accumulator (lane l owns output channels l + 32 i),
-// then rescales once per tile. Keys after the query (causal) or past the end score -inf.
-// Output [B T, H D] in T: row b T + t, head h at h D. Queries: row b T + t of q, stride q_stride.
+// Grid (ceil(T / 64), H, B), the query tiles with the most keys (causal) launched first: one block
+// per tile of BQ = 64 query rows of one head, 4 warps of 16 rows each. Per key tile of BK = 64:
+//   - every thread loads keys and values through the reader, converts them to T (fp16, or bf16 for
+//     a bf16 model) and stores them row-major in shared memory, rows D + 8 values apart (16 bytes
+//     of padding put the 8 rows an ldmatrix phase reads in 8 distinct bank groups);
+//   - each warp computes its 16 x 64 scores S = Q K^T with mma.sync m16n8k16 (Q: A fragments in
+//     registers for the whole block, pre-multiplied by scale * log2(e); K: B fragments by ldmatrix),
+//     masks keys past its rows (causal) or past the end, folds S into the running row max and sum
+//     (base-2 exponentials), rescales its output, and adds P V, where P is S's accumulator
+//     registers rounded to T: the C layout of S is the A layout P needs (mma.cuh), and V's B
+//     fragments come from ldmatrix.trans of the row-major tile.
+// A warp skips key tiles entirely after its last row. Rows past T compute on zero queries and are
+// not stored. Output [B T, H D] in T: row b T + t, head h at h D. Queries: row b T + t of q,
+// stride q_stride. Rounding: Q, K, V and P to T, sums in fp32 (as flash attention in fp16).
 #include <tuple>
 
-#include "block_reduce.cuh"
 #include "kernels.h"
 #include "kv_cache.cuh"
+#include "mma.cuh"
 
 namespace tmkit::cuda {
 
 namespace {
 
-constexpr int kBQ = 16, kBK = 32, kWarps = 4, kRows = kBQ / kWarps;
+constexpr int kWarps = 4, kBQ = 16 * kWarps, kBK = 64;
 
 template <typename T, int D, typename Kv>
 __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, Kv kv, int T_,
@@ -37,80 +37,123 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
                                                                        float scale, T* out) {
   pdl_begin();
   if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
-  constexpr int DL = D / 32;     // output channels per lane
-  constexpr int G8 = D / 8;      // 8-channel groups per key (one reader load each)
-  __shared__ float q_s[kBQ][D];
-  __shared__ float k_s[kBK][D + 1];
-  __shared__ __align__(16) float v_s[kBK][D];
-  const int h = blockIdx.y, kvh = h / (H / KV), q0 = blockIdx.x * kBQ, seq = blockIdx.z;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  constexpr int kStride = D + 8;                  // values per shared-memory row
+  constexpr int KT = D / 16, DT = D / 8;           // k-tiles of Q K^T, n-tiles of P V
+  constexpr int kLoads = kBK * (D / 8) / (kWarps * 32);  // reader loads per thread, K and V each
+  __shared__ __align__(16) T k_s[kBK * kStride];
+  __shared__ __align__(16) T v_s[kBK * kStride];
+  const int h = blockIdx.y, kvh = h / (H / KV), seq = blockIdx.z, q0 = (gridDim.x - 1 - blockIdx.x) * kBQ;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   q += size_t(seq) * T_ * q_stride + size_t(h) * D;
   out += size_t(seq) * T_ * H * D + size_t(h) * D;
 
-  for (int idx = threadIdx.x; idx < kBQ * D; idx += blockDim.x) {
-    const int r = idx / D, d = idx % D;
-    q_s[r][d] = q0 + r < T_ ? q[size_t(q0 + r) * q_stride + d] * scale : 0.0f;
-  }
-  float m[kRows], l[kRows], acc[kRows][DL];
+  const int r0 = q0 + 16 * warp;  // the warp's first row; lane rows r0 + g and r0 + g + 8
+  const float qscale = scale * 1.4426950408889634f;
+  uint32_t qf[KT][4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
-    for (int i = 0; i < DL; ++i) acc[r][i] = 0.0f;
-  }
+    for (int i = 0; i < 4; ++i) {  // a0..a3: rows g, g + 8, g, g + 8; columns 2c, 2c, 2c + 8, 2c + 8
+      const int row = r0 + g + 8 * (i & 1), col = 16 * kt + 2 * c + 8 * (i >> 1);
+      const float2 v = row < T_ ? *reinterpret_cast<const float2*>(q + size_t(row) * q_stride + col) : make_float2(0.f, 0.f);
+      qf[kt][i] = pack_pair<T>(v.x * qscale, v.y * qscale);
+    }
 
+  float o[DT][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's share of the row sums
   const int key_end = pos0 + min(T_, q0 + kBQ);  // causal: no row of this tile sees keys past its last row
+  const int q_first = pos0 + r0, q_last = pos0 + min(r0 + 15, T_ - 1);  // the warp's positions
+  // ldmatrix row addresses of this lane: K (matrices [keys +0 | +8] x [channels +0 | +8], B of two
+  // n-tiles) and V (transposed: [keys +0 | +8] x [channels +0 | +8] in the other order).
+  const uint32_t k_lane = smem_addr(k_s + ((lane % 8) + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2));
+  const uint32_t v_lane = smem_addr(v_s + ((lane % 8) + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16));
   for (int k0 = 0; k0 < key_end; k0 += kBK) {
     __syncthreads();  // the previous tile is no longer read
-    for (int idx = threadIdx.x; idx < kBK * G8; idx += blockDim.x) {
-      const int j = idx % kBK, g = idx / kBK, key = k0 + j;
-      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (key < key_end) Kv::to_float(kv.load(false, seq, kvh, key, g), kv.param(false, seq, kvh, key), f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) k_s[j][8 * g + i] = f[i];
-    }
-    for (int idx = threadIdx.x; idx < kBK * G8; idx += blockDim.x) {
-      const int j = idx / G8, g = idx % G8, key = k0 + j;
-      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (key < key_end) Kv::to_float(kv.load(true, seq, kvh, key, g), kv.param(true, seq, kvh, key), f);
-      float4* dst = reinterpret_cast<float4*>(&v_s[j][8 * g]);
-      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+    for (int is_v = 0; is_v < 2; ++is_v) {
+      typename Kv::Raw raw[kLoads];
+      float2 par[kLoads];
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {  // consecutive threads on consecutive 8-channel groups of a key
+        const int idx = threadIdx.x + i * kWarps * 32, key = k0 + idx / (D / 8);
+        if (key < key_end) {
+          raw[i] = kv.load(is_v, seq, kvh, key, idx % (D / 8));
+          par[i] = kv.param(is_v, seq, kvh, key);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int idx = threadIdx.x + i * kWarps * 32, j = idx / (D / 8), key = k0 + j;
+        float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (key < key_end) Kv::to_float(raw[i], par[i], f);
+        *reinterpret_cast<uint4*>((is_v ? v_s : k_s) + j * kStride + 8 * (idx % (D / 8))) =
+            make_uint4(pack_pair<T>(f[0], f[1]), pack_pair<T>(f[2], f[3]), pack_pair<T>(f[4], f[5]), pack_pair<T>(f[6], f[7]));
+      }
     }
     __syncthreads();
+    if (r0 >= T_ || k0 > q_last) continue;  // uniform across the warp: no row of it sees this tile
+
+    float s[kBK / 8][4] = {};
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int row = warp * kRows + r, qi = pos0 + q0 + row;  // absolute position of the query
-      if (q0 + row >= T_ || k0 > qi) continue;  // uniform across the warp
-      const int key = k0 + lane;
-      float s = -INFINITY;
-      if (key <= qi) {
-        s = 0.0f;
-#pragma unroll 8
-        for (int d = 0; d < D; ++d) s += q_s[row][d] * k_s[lane][d];
+    for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+      for (int np = 0; np < kBK / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, k_lane + (16 * np * kStride + 16 * kt) * 2);
+        mma16816<T>(s[2 * np], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], b[0], b[1]);
+        mma16816<T>(s[2 * np + 1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], b[2], b[3]);
       }
-      const float m_new = fmaxf(m[r], warp_max(s));  // finite: key k0 <= qi is always valid
-      const float p = key <= qi ? expf(s - m_new) : 0.0f;
-      const float corr = expf(m[r] - m_new);
-      l[r] = l[r] * corr + warp_sum(p);
+    if (k0 + kBK - 1 > q_first || k0 + kBK > key_end)
 #pragma unroll
-      for (int i = 0; i < DL; ++i) acc[r][i] *= corr;
-      for (int j = 0; j < kBK; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
+      for (int nt = 0; nt < kBK / 8; ++nt)
 #pragma unroll
-        for (int i = 0; i < DL; ++i) acc[r][i] += pj * v_s[j][lane + 32 * i];
+        for (int i = 0; i < 4; ++i) {
+          const int key = k0 + 8 * nt + 2 * c + (i & 1), qi = q_first + g + 8 * (i >> 1);
+          if (key > qi || key >= key_end) s[nt][i] = -INFINITY;
+        }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // rows g and g + 8: registers 2 hh, 2 hh + 1
+      float mx = m[hh];
+#pragma unroll
+      for (int nt = 0; nt < kBK / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hh], s[nt][2 * hh + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx, corr = exp2f(m[hh] - base);
+      m[hh] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kBK / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) sum += (s[nt][2 * hh + e] = exp2f(s[nt][2 * hh + e] - base));
+      l[hh] = l[hh] * corr + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) o[dt][2 * hh] *= corr, o[dt][2 * hh + 1] *= corr;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint32_t a0 = pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), a1 = pack_pair<T>(s[2 * kk][2], s[2 * kk][3]);
+      const uint32_t a2 = pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_lane + (16 * kk * kStride + 16 * dp) * 2);
+        mma16816<T>(o[2 * dp], a0, a1, a2, a3, b[0], b[1]);
+        mma16816<T>(o[2 * dp + 1], a0, a1, a2, a3, b[2], b[3]);
       }
-      m[r] = m_new;
     }
   }
+  if (r0 >= T_) return;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int qi = q0 + warp * kRows + r;
-    if (qi >= T_) continue;
-    T* o = out + size_t(qi) * H * D;
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = r0 + g + 8 * hh;
+    float sum = l[hh];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (row >= T_) continue;
+    const float inv = 1.0f / sum;
+    T* o_row = out + size_t(row) * H * D + 2 * c;
 #pragma unroll
-    for (int i = 0; i < DL; ++i) o[lane + 32 * i] = from_float<T>(acc[r][i] / l[r]);
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<uint32_t*>(o_row + 8 * dt) = pack_pair<T>(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
   }
 }
 

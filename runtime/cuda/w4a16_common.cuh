@@ -1,6 +1,6 @@
 // What the W4A16 kernels share (w4a16_gemv.cu for few rows, w4a16_gemm.cu for many): the packed
-// weight layout, its exact dequantization into mma fragments, and the tensor-core and cp.async
-// instructions.
+// weight layout, its exact dequantization into mma fragments, and the cp.async and bulk-copy
+// instructions (the tensor-core ones are mma.cuh's).
 //
 // Why tensor cores even for a GEMV: at M = 1 the work is memory-bound, but an int4 weight streams
 // at ~8.5e12 weights/s on an H200 against ~3.3e13 thread-instructions/s, so the kernel may spend
@@ -31,6 +31,8 @@
 
 #include <cstdint>
 
+#include "mma.cuh"
+
 namespace tmkit::cuda::w4 {
 
 constexpr int kGroup = 128, kWarps = 8;
@@ -48,8 +50,6 @@ __device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep
       : "l"(p));
   return v;
 }
-
-__device__ inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 // 16 bytes global -> shared without registers (L2 only); `valid` = false writes zeros instead.
 __device__ inline void cp_async16(uint32_t smem, const void* gmem, bool valid = true) {
@@ -89,14 +89,6 @@ __device__ inline void bulk_copy(void* smem, const void* gmem, uint32_t bytes, u
                    smem_addr(smem)),
                "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
-}
-
-__device__ inline void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ inline uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
