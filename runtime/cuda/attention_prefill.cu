@@ -9,7 +9,9 @@
 // per tile of BQ = 64 query rows of one head, 4 warps of 16 rows each. Per key tile of BK = 64:
 //   - every thread loads keys and values through the reader, converts them to T (fp16, or bf16 for
 //     a bf16 model) and stores them row-major in shared memory, rows D + 8 values apart (16 bytes
-//     of padding put the 8 rows an ldmatrix phase reads in 8 distinct bank groups);
+//     of padding put the 8 rows an ldmatrix phase reads in 8 distinct bank groups). From an fp16
+//     cache into fp16 tiles nothing needs converting: cp.async copies the next tile into a second
+//     buffer while the warps compute on this one (the register path waits for every tile);
 //   - each warp computes its 16 x 64 scores S = Q K^T with mma.sync m16n8k16 (Q: A fragments in
 //     registers for the whole block, pre-multiplied by scale * log2(e); K: B fragments by ldmatrix),
 //     masks keys past its rows (causal) or past the end, folds S into the running row max and sum
@@ -20,6 +22,7 @@
 // not stored. Output [B T, H D] in T: row b T + t, head h at h D. Queries: row b T + t of q,
 // stride q_stride. Rounding: Q, K, V and P to T, sums in fp32 (as flash attention in fp16).
 #include <tuple>
+#include <type_traits>
 
 #include "kernels.h"
 #include "kv_cache.cuh"
@@ -31,17 +34,26 @@ namespace {
 
 constexpr int kWarps = 4, kBQ = 16 * kWarps, kBK = 64;
 
+// Tiles by cp.async, double-buffered: the cache holds exactly the values the tiles hold.
+template <typename T, typename Kv>
+constexpr bool kAsyncTiles = std::is_same_v<T, __half> && std::is_same_v<Kv, CacheReader<16>>;
+
+template <typename T, int D, typename Kv>
+constexpr int kSmemBytes = (kAsyncTiles<T, Kv> ? 2 : 1) * 2 * kBK * (D + 8) * int(sizeof(T));
+
 template <typename T, int D, typename Kv>
 __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, Kv kv, int T_,
                                                                        int pos0, const int* pos_dev, int H, int KV,
                                                                        float scale, T* out) {
   pdl_begin();
   if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
+  constexpr bool kAsync = kAsyncTiles<T, Kv>;
   constexpr int kStride = D + 8;                  // values per shared-memory row
+  constexpr int kStage = 2 * kBK * kStride;       // a K tile, then its V tile
   constexpr int KT = D / 16, DT = D / 8;           // k-tiles of Q K^T, n-tiles of P V
-  constexpr int kLoads = kBK * (D / 8) / (kWarps * 32);  // reader loads per thread, K and V each
-  __shared__ __align__(16) T k_s[kBK * kStride];
-  __shared__ __align__(16) T v_s[kBK * kStride];
+  constexpr int kLoads = kBK * (D / 8) / (kWarps * 32);  // 16-byte pieces per thread and tile, K and V each
+  extern __shared__ __align__(16) uint8_t smem[];
+  T* const tiles = reinterpret_cast<T*>(smem);
   const int h = blockIdx.y, kvh = h / (H / KV), seq = blockIdx.z, q0 = (gridDim.x - 1 - blockIdx.x) * kBQ;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   q += size_t(seq) * T_ * q_stride + size_t(h) * D;
@@ -64,29 +76,50 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
   const int q_first = pos0 + r0, q_last = pos0 + min(r0 + 15, T_ - 1);  // the warp's positions
   // ldmatrix row addresses of this lane: K (matrices [keys +0 | +8] x [channels +0 | +8], B of two
   // n-tiles) and V (transposed: [keys +0 | +8] x [channels +0 | +8] in the other order).
-  const uint32_t k_lane = smem_addr(k_s + ((lane % 8) + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2));
-  const uint32_t v_lane = smem_addr(v_s + ((lane % 8) + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16));
-  for (int k0 = 0; k0 < key_end; k0 += kBK) {
-    __syncthreads();  // the previous tile is no longer read
+  const int k_lane = ((lane % 8) + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2);
+  const int v_lane = kBK * kStride + ((lane % 8) + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+  // Piece i of this thread: key idx / (D / 8), 8 channels at 8 (idx % (D / 8)); consecutive threads
+  // on consecutive pieces of a key (coalesced).
+  auto copy_tile = [&](int k0, T* stage) {  // cp.async path
+    if constexpr (kAsync)
 #pragma unroll
-    for (int is_v = 0; is_v < 2; ++is_v) {
-      typename Kv::Raw raw[kLoads];
-      float2 par[kLoads];
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) {  // consecutive threads on consecutive 8-channel groups of a key
-        const int idx = threadIdx.x + i * kWarps * 32, key = k0 + idx / (D / 8);
-        if (key < key_end) {
-          raw[i] = kv.load(is_v, seq, kvh, key, idx % (D / 8));
-          par[i] = kv.param(is_v, seq, kvh, key);
-        }
+      for (int i = 0; i < 2 * kLoads; ++i) {
+        const int idx = threadIdx.x + (i % kLoads) * kWarps * 32, is_v = i / kLoads, j = idx / (D / 8), key = k0 + j;
+        const bool ok = key < key_end;
+        cp_async16(smem_addr(stage + is_v * kBK * kStride + j * kStride + 8 * (idx % (D / 8))),
+                   kv.row(is_v, seq, kvh, ok ? key : 0) + idx % (D / 8), ok);
       }
+    cp_async_commit();
+  };
+  if constexpr (kAsync) copy_tile(0, tiles);
+  for (int k0 = 0, it = 0; k0 < key_end; k0 += kBK, ++it) {
+    __syncthreads();  // the tile before is no longer read (and its buffer is the one refilled next)
+    T* const k_s = tiles + (kAsync ? it % 2 : 0) * kStage;
+    if constexpr (kAsync) {
+      if (k0 + kBK < key_end) copy_tile(k0 + kBK, tiles + (it + 1) % 2 * kStage);
+      else cp_async_commit();  // an empty group: the wait below still means "this tile landed"
+      cp_async_wait<1>();
+    } else {
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int idx = threadIdx.x + i * kWarps * 32, j = idx / (D / 8), key = k0 + j;
-        float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (key < key_end) Kv::to_float(raw[i], par[i], f);
-        *reinterpret_cast<uint4*>((is_v ? v_s : k_s) + j * kStride + 8 * (idx % (D / 8))) =
-            make_uint4(pack_pair<T>(f[0], f[1]), pack_pair<T>(f[2], f[3]), pack_pair<T>(f[4], f[5]), pack_pair<T>(f[6], f[7]));
+      for (int is_v = 0; is_v < 2; ++is_v) {
+        typename Kv::Raw raw[kLoads];
+        float2 par[kLoads];
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) {
+          const int idx = threadIdx.x + i * kWarps * 32, key = k0 + idx / (D / 8);
+          if (key < key_end) {
+            raw[i] = kv.load(is_v, seq, kvh, key, idx % (D / 8));
+            par[i] = kv.param(is_v, seq, kvh, key);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) {
+          const int idx = threadIdx.x + i * kWarps * 32, j = idx / (D / 8), key = k0 + j;
+          float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          if (key < key_end) Kv::to_float(raw[i], par[i], f);
+          *reinterpret_cast<uint4*>(k_s + is_v * kBK * kStride + j * kStride + 8 * (idx % (D / 8))) =
+              make_uint4(pack_pair<T>(f[0], f[1]), pack_pair<T>(f[2], f[3]), pack_pair<T>(f[4], f[5]), pack_pair<T>(f[6], f[7]));
+        }
       }
     }
     __syncthreads();
@@ -98,7 +131,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
 #pragma unroll
       for (int np = 0; np < kBK / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, k_lane + (16 * np * kStride + 16 * kt) * 2);
+        ldmatrix_x4(b, smem_addr(k_s + k_lane + 16 * np * kStride + 16 * kt));
         mma16816<T>(s[2 * np], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], b[0], b[1]);
         mma16816<T>(s[2 * np + 1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], b[2], b[3]);
       }
@@ -135,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_lane + (16 * kk * kStride + 16 * dp) * 2);
+        ldmatrix_x4_trans(b, smem_addr(k_s + v_lane + 16 * kk * kStride + 16 * dp));
         mma16816<T>(o[2 * dp], a0, a1, a2, a3, b[0], b[1]);
         mma16816<T>(o[2 * dp + 1], a0, a1, a2, a3, b[2], b[3]);
       }
@@ -164,10 +197,16 @@ void launch(const float* q, size_t q_stride, const Kv& kv, int B, int T_, int po
   if (B > 65535) fail("attention: batch {} is more than 65535 sequences", B);
   const dim3 grid((T_ + kBQ - 1) / kBQ, H, B);
   const auto args = std::make_tuple(q, q_stride, kv, T_, pos0, pos_dev, H, KV, scale, out);
+  auto run = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    constexpr auto kernel = attention_prefill_kernel<T, kD, Kv>;
+    allow_dynamic_smem<kernel>(kSmemBytes<T, kD, Kv>);
+    std::apply([&](auto... a) { launch_kernel(kernel, grid, kWarps * 32, kSmemBytes<T, kD, Kv>, s, a...); }, args);
+  };
   switch (D) {
-    case 32: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 32, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
-    case 64: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 64, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
-    case 128: return std::apply([&](auto... a) { launch_kernel(attention_prefill_kernel<T, 128, Kv>, grid, kWarps * 32, 0, s, a...); }, args);
+    case 32: return run(std::integral_constant<int, 32>{});
+    case 64: return run(std::integral_constant<int, 64>{});
+    case 128: return run(std::integral_constant<int, 128>{});
     default: fail("attention: head_dim {} is not supported on the GPU (32, 64, 128)", D);
   }
 }

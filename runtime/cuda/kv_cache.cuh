@@ -46,10 +46,10 @@ struct CacheReader {
   using Raw = typename CacheRaw<BITS>::type;
   KvLayer c;
 
-  __device__ Raw load(bool is_v, int seq, int kvh, int token, int group) const {
-    const uint8_t* row = (is_v ? c.v : c.k) + c.row(seq, kvh, token) * c.row_bytes();
-    return reinterpret_cast<const Raw*>(row)[group];
+  __device__ const Raw* row(bool is_v, int seq, int kvh, int token) const {
+    return reinterpret_cast<const Raw*>((is_v ? c.v : c.k) + c.row(seq, kvh, token) * c.row_bytes());
   }
+  __device__ Raw load(bool is_v, int seq, int kvh, int token, int group) const { return row(is_v, seq, kvh, token)[group]; }
   __device__ float2 param(bool is_v, int seq, int kvh, int token) const {
     if constexpr (BITS == 16) return make_float2(1.0f, 0.0f);
     else return __half22float2((is_v ? c.v_param : c.k_param)[c.row(seq, kvh, token)]);

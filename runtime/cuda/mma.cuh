@@ -1,5 +1,5 @@
 // The warp-level tensor-core instructions the kernels share (mma.sync m16n8k16 and ldmatrix, sm_80
-// and later), for fp16 and bf16 inputs with fp32 accumulation.
+// and later), for fp16 and bf16 inputs with fp32 accumulation, and cp.async, which feeds them.
 //
 // Fragment layouts (PTX ISA, "matrix fragments for mma.m16n8k16"); lane = 4 g + c:
 //   A (16 x 16, row-major)  a0 = (row g, cols 2c, 2c+1)  a1 = (g + 8, 2c ..)  a2 = (g, 2c + 8 ..)  a3 = (g + 8, 2c + 8 ..)
@@ -17,6 +17,16 @@ namespace tmkit::cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without registers (L2 only); `valid` = false writes zeros instead.
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {  // all but the newest kPending groups of this thread landed
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // d += A B with T = __half or __nv_bfloat16 inputs.

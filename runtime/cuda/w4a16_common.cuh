@@ -1,6 +1,6 @@
 // What the W4A16 kernels share (w4a16_gemv.cu for few rows, w4a16_gemm.cu for many): the packed
-// weight layout, its exact dequantization into mma fragments, and the cp.async and bulk-copy
-// instructions (the tensor-core ones are mma.cuh's).
+// weight layout, its exact dequantization into mma fragments, and the mbarrier and bulk-copy
+// instructions (the tensor-core and cp.async ones are mma.cuh's).
 //
 // Why tensor cores even for a GEMV: at M = 1 the work is memory-bound, but an int4 weight streams
 // at ~8.5e12 weights/s on an H200 against ~3.3e13 thread-instructions/s, so the kernel may spend
@@ -49,16 +49,6 @@ __device__ inline uint4 load_stream(const uint4* p) {  // read once: do not keep
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
-}
-
-// 16 bytes global -> shared without registers (L2 only); `valid` = false writes zeros instead.
-__device__ inline void cp_async16(uint32_t smem, const void* gmem, bool valid = true) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ inline void cp_async_wait() {  // all but the newest kPending groups of this thread landed
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // mbarrier and the bulk copy engine (sm_90): one thread copies a contiguous global range into
