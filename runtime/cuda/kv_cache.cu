@@ -87,9 +87,12 @@ __global__ void append_kernel(float* qkv, int rows, int T_, int H, int first_hea
   if (!active) return;
   const int seq = row / T_, pos = (pos_dev ? *pos_dev : pos0) + row % T_;
   float* x = qkv + size_t(row) * (H + 2 * KV) * D + size_t(head) * D + ch;
-  float v[4];
+  // D = 128: a lane's 4 channels as one 16-byte access (prefill rows: 2.3 TB/s with scalar ones).
+  __align__(16) float v[4];
+  if (per_lane == 4) *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(x);
+  else
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = i < per_lane ? x[i] : 0.0f;
+    for (int i = 0; i < 4; ++i) v[i] = i < per_lane ? x[i] : 0.0f;
 
   if (rope.inv_freq) {
 #pragma unroll
@@ -111,9 +114,11 @@ __global__ void append_kernel(float* qkv, int rows, int T_, int H, int first_hea
         }
       }
     }
+    if (per_lane == 4) *reinterpret_cast<float4*>(x) = *reinterpret_cast<const float4*>(v);
+    else
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (i < per_lane) x[i] = v[i];
+      for (int i = 0; i < 4; ++i)
+        if (i < per_lane) x[i] = v[i];
   }
   if (head < H) return;  // q heads: done
 
@@ -123,9 +128,13 @@ __global__ void append_kernel(float* qkv, int rows, int T_, int H, int first_hea
   uint8_t* dst = (is_v ? c.v : c.k) + dst_row * c.row_bytes();
   if constexpr (BITS == 16) {
     __half* out = reinterpret_cast<__half*>(dst) + ch;
+    if (per_lane == 4) {
+      const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
+      *reinterpret_cast<uint2*>(out) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+    } else
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (i < per_lane) out[i] = __float2half_rn(v[i]);
+      for (int i = 0; i < 4; ++i)
+        if (i < per_lane) out[i] = __float2half_rn(v[i]);
   } else {
     const KvQuantParams p = kv_quant_params(v, per_lane, BITS);
     uint32_t q[4];
