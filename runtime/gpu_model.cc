@@ -3,7 +3,8 @@
 // weight fits fp16's range, bf16 workspaces included (as the references' ppl_fp16 protocol,
 // "fp16 weights and compute"). Measured on small-llama (bf16): bf16 GEMM inputs put the logits
 // 4.4e-3 (rel. L2) off the fp32 reference, fp16 ones 1e-3 (2^-12 vs 2^-9 rounding). A workspace
-// with a weight beyond 65504 runs in bf16.
+// with a weight beyond 65504 runs in bf16. Prefill attention runs on tensor cores with Q, K, V and
+// the softmax weights in the same type (fp32 sums); decode attention reads K and V in fp32.
 //
 // Tensor parallelism (tp > 1): one RankModel per device on its own host thread (rank_workers.h),
 // each with rank_slice's share of the weights (tp_split.h), and an NCCL all-reduce of the fp32
