@@ -1,11 +1,14 @@
-// The prefill attention kernel on its own (ctest label `gpu`; skips without a CUDA device): long
-// inputs over the forward's own fp32 rows and over every cache format, against attention in
-// double. (test_gpu.cc checks it beside the decode kernel at T <= 4, and inside whole forwards.)
+// The attention kernels on their own (ctest label `gpu`; skips without a CUDA device), against
+// attention in double: decode and prefill over every cache format, and prefill over long inputs
+// (the forward's own fp32 rows, or a cache). test_gpu.cc checks them inside whole forwards.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
+#include <fmt/format.h>
+
 #include <cmath>
+#include <string>
 
 #include "cuda/kernels.h"
 #include "dtype.h"
@@ -47,6 +50,42 @@ std::vector<float> attention_double(const std::vector<float>& kv, int B, int N, 
       }
   return out;
 }
+
+// B sequences of N = P + T random rows (scale 2) appended to a fresh cache in `mode`; the queries
+// are each sequence's last T rows. reference(): attention in double over the values the cache
+// holds (the oracle's rounding of K and V).
+struct CachedCase {
+  int B, H, KV, D, T, P, N, width;
+  KvMode mode;
+  std::vector<float> all, q;
+  DeviceBuffer<float> all_d, q_d;
+  cuda::KvCache cache;
+
+  CachedCase(int B_, int H_, int KV_, int D_, int T_, int P_, int capacity, KvMode mode_, uint64_t seed)
+      : B(B_), H(H_), KV(KV_), D(D_), T(T_), P(P_), N(P_ + T_), width((H_ + 2 * KV_) * D_), mode(mode_) {
+    SplitMix64 rng{seed};
+    all.resize(size_t(B) * N * width);
+    for (float& v : all) v = float(rng.symmetric()) * 2.0f;
+    q.resize(size_t(B) * T * width);
+    for (int b = 0; b < B; ++b)
+      std::copy_n(all.begin() + (size_t(b) * N + P) * width, size_t(T) * width, q.begin() + size_t(b) * T * width);
+    all_d.resize(all.size());
+    q_d.resize(q.size());
+    cudaMemcpy(all_d.get(), all.data(), all.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(q_d.get(), q.data(), q.size() * 4, cudaMemcpyHostToDevice);
+    cache.allocate(mode == KvMode::kFp16 ? 16 : int(mode), 1, B, KV, D, capacity);
+    cuda::kv_append(all_d.get(), B, N, H, cache.layer(0), 0, nullptr, nullptr);
+  }
+  std::vector<float> reference() const {
+    std::vector<float> held = all;
+    for (size_t r = 0; r < size_t(B) * N; ++r)
+      for (int h = 0; h < 2 * KV; ++h) kv_cache_roundtrip(held.data() + r * width + (H + h) * D, D, mode);
+    return attention_double(held, B, N, T, H, KV, D);
+  }
+  std::string name() const {
+    return fmt::format("D={} {} H={} KV={} T={} P={}", D, kv_mode_name(mode), H, KV, T, P);
+  }
+};
 
 template <typename T>
 std::vector<float> host_floats(const DeviceBuffer<T>& d) {
@@ -97,8 +136,54 @@ TEST(GpuAttentionPrefill, ForwardRowsMatchDouble) {
   std::printf("prefill attention over the forward's rows vs double: worst rel-L2 fp16 %.2e, bf16 %.2e\n", worst[0], worst[1]);
 }
 
-// Over the KV cache in each format: T new tokens after P cached ones (P not a multiple of the
-// tiles, or 0), the reference over the values the cache holds.
+// The decode kernel (split over keys) and the prefill kernel over the same cache, for every cache
+// format and head_dim, GQA groups of 1, 2, 3, 4 and 16 (more rows than one block takes), T = 1 ..
+// 4, 2 sequences, a position inside the capacity (blocks past it exit) and one at the end; the
+// position read from device memory (CUDA graphs) gives the same bits, and a second run too (no
+// atomics).
+TEST(GpuAttention, DecodeAndPrefillOverTheCacheMatchDouble) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  struct Shape { int H, KV, T, pos, capacity; };
+  const Shape shapes[] = {{4, 4, 1, 500, 600},  {4, 2, 1, 300, 301},   {8, 2, 1, 1023, 1024}, {4, 2, 3, 2000, 4100},
+                          {16, 1, 1, 777, 1000}, {6, 2, 4, 130, 134}, {8, 8, 2, 64, 66}};
+  const int B = 2;
+  double worst_decode = 0, worst_prefill = 0;
+  for (int D : {32, 64, 128})
+    for (KvMode mode : {KvMode::kFp16, KvMode::kInt8, KvMode::kInt4})
+      for (const Shape& sh : shapes) {
+        const CachedCase k(B, sh.H, sh.KV, D, sh.T, sh.pos, sh.capacity, mode, uint64_t(D * 131 + sh.H * 7 + sh.T));
+        const cuda::KvLayer layer = k.cache.layer(0);
+        const float scale = 1.0f / std::sqrt(float(D));
+        DeviceBuffer<float> scratch(cuda::attention_decode_scratch_floats(B, k.T, k.H, D, sh.capacity));
+        cudaMemset(scratch.get(), 0, scratch.size() * 4);
+        DeviceBuffer<__half> dec(size_t(B) * k.T * k.H * D), dec2(dec.size()), dec_dev(dec.size()), pre(dec.size());
+        DeviceBuffer<int> pos_d(1);
+        cudaMemcpy(pos_d.get(), &k.P, 4, cudaMemcpyHostToDevice);
+        cuda::attention_decode<__half>(k.q_d.get(), k.width, layer, B, k.T, k.P, nullptr, k.H, k.KV, D, scale, scratch.get(),
+                                       dec.get(), nullptr);
+        cuda::attention_decode<__half>(k.q_d.get(), k.width, layer, B, k.T, k.P, nullptr, k.H, k.KV, D, scale, scratch.get(),
+                                       dec2.get(), nullptr);
+        cuda::attention_decode<__half>(k.q_d.get(), k.width, layer, B, k.T, 0, pos_d.get(), k.H, k.KV, D, scale,
+                                       scratch.get(), dec_dev.get(), nullptr);
+        cuda::attention_prefill<__half>(k.q_d.get(), k.width, layer, B, k.T, k.P, nullptr, k.H, k.KV, D, scale, pre.get(),
+                                        nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> got_dec = host_floats(dec), ref = k.reference();
+        EXPECT_TRUE(got_dec == host_floats(dec2)) << "decode is not deterministic";
+        EXPECT_TRUE(got_dec == host_floats(dec_dev)) << "position from device memory differs";
+        const double e_dec = test::rel_l2(got_dec, ref), e_pre = test::rel_l2(host_floats(pre), ref);
+        worst_decode = std::max(worst_decode, e_dec);
+        worst_prefill = std::max(worst_prefill, e_pre);
+        // fp16 output: 2^-11 relative rounding per value, rel-L2 about 3e-4.
+        EXPECT_LE(e_dec, 1e-3) << "decode " << k.name();
+        EXPECT_LE(e_pre, 1e-3) << "prefill " << k.name();
+      }
+  std::printf("attention over the cache vs double: worst rel-L2 decode %.3g, prefill %.3g (fp16 output)\n", worst_decode,
+              worst_prefill);
+}
+
+// Prefill over the KV cache in each format, long: T new tokens after P cached ones (P not a
+// multiple of the tiles, or 0).
 TEST(GpuAttentionPrefill, OverTheCacheMatchesDouble) {
   if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
   struct Shape { int H, KV, T, P; };
@@ -108,29 +193,14 @@ TEST(GpuAttentionPrefill, OverTheCacheMatchesDouble) {
   for (int D : {32, 64, 128})
     for (KvMode mode : {KvMode::kFp16, KvMode::kInt8, KvMode::kInt4})
       for (const Shape& sh : shapes) {
-        const int H = sh.H, KV = sh.KV, T = sh.T, P = sh.P, N = P + T, width = (H + 2 * KV) * D;
-        SplitMix64 rng{uint64_t(D * 31 + H * 7 + T + P)};
-        std::vector<float> all(size_t(B) * N * width);
-        for (float& v : all) v = float(rng.symmetric()) * 2.0f;
-        std::vector<float> q(size_t(B) * T * width);  // the last T rows of each sequence
-        for (int b = 0; b < B; ++b)
-          std::copy_n(all.begin() + (size_t(b) * N + P) * width, size_t(T) * width, q.begin() + size_t(b) * T * width);
-        DeviceBuffer<float> all_d(all.size()), q_d(q.size());
-        cudaMemcpy(all_d.get(), all.data(), all.size() * 4, cudaMemcpyHostToDevice);
-        cudaMemcpy(q_d.get(), q.data(), q.size() * 4, cudaMemcpyHostToDevice);
-        cuda::KvCache cache;
-        cache.allocate(mode == KvMode::kFp16 ? 16 : int(mode), 1, B, KV, D, N + 5);
-        const cuda::KvLayer layer = cache.layer(0);
-        cuda::kv_append(all_d.get(), B, N, H, layer, 0, nullptr, nullptr);
-        DeviceBuffer<__half> out(size_t(B) * T * H * D);
-        cuda::attention_prefill<__half>(q_d.get(), width, layer, B, T, P, nullptr, H, KV, D, 1.0f / std::sqrt(float(D)),
-                                        out.get(), nullptr);
+        const CachedCase k(B, sh.H, sh.KV, D, sh.T, sh.P, sh.P + sh.T + 5, mode, uint64_t(D * 31 + sh.H * 7 + sh.T + sh.P));
+        DeviceBuffer<__half> out(size_t(B) * k.T * k.H * D);
+        cuda::attention_prefill<__half>(k.q_d.get(), k.width, k.cache.layer(0), B, k.T, k.P, nullptr, k.H, k.KV, D,
+                                        1.0f / std::sqrt(float(D)), out.get(), nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        for (size_t r = 0; r < size_t(B) * N; ++r)
-          for (int h = 0; h < 2 * KV; ++h) kv_cache_roundtrip(all.data() + r * width + (H + h) * D, D, mode);
-        const double e = test::rel_l2(host_floats(out), attention_double(all, B, N, T, H, KV, D));
+        const double e = test::rel_l2(host_floats(out), k.reference());
         worst = std::max(worst, e);
-        EXPECT_LE(e, 1e-3) << "D=" << D << " " << kv_mode_name(mode) << " H=" << H << " KV=" << KV << " T=" << T << " P=" << P;
+        EXPECT_LE(e, 1e-3) << k.name();
       }
   std::printf("prefill attention over the cache vs double: worst rel-L2 %.2e\n", worst);
 }
