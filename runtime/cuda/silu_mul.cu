@@ -23,9 +23,11 @@ __global__ void silu_mul_kernel(const float* __restrict__ gu, int T_, int I, boo
 template <typename T>
 __global__ void silu_mul8_kernel(const float* __restrict__ gu, int T_, int I, bool interleaved, T* __restrict__ out) {
   pdl_begin();
-  const int t = blockIdx.y, c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
-  if (c >= I) return;
-  const float* row = gu + size_t(t) * 2 * I;
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x, per_row = size_t(I / 8);
+  if (i >= size_t(T_) * per_row) return;
+  const size_t t = i / per_row;
+  const int c = int(i % per_row) * 8;
+  const float* row = gu + t * 2 * I;
   const float4* gate = reinterpret_cast<const float4*>(row + (interleaved ? 2 * c : c));
   const float4* up = reinterpret_cast<const float4*>(row + (interleaved ? 2 * c + 8 : I + c));
   __align__(16) float g[8], u[8];
@@ -33,17 +35,14 @@ __global__ void silu_mul8_kernel(const float* __restrict__ gu, int T_, int I, bo
   *reinterpret_cast<float4*>(u) = up[0], *reinterpret_cast<float4*>(u + 4) = up[1];
   __align__(16) T o[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = from_float<T>(silu(g[i]) * u[i]);
-  reinterpret_cast<uint4*>(out + size_t(t) * I)[c / 8] = *reinterpret_cast<const uint4*>(o);
+  for (int k = 0; k < 8; ++k) o[k] = from_float<T>(silu(g[k]) * u[k]);
+  reinterpret_cast<uint4*>(out + t * I)[c / 8] = *reinterpret_cast<const uint4*>(o);
 }
 
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStream_t s) {
-  if (I % 8 == 0 && T_ <= 65535) {
-    const dim3 grid(unsigned((I / 8 + 127) / 128), unsigned(T_));
-    return launch_kernel(silu_mul8_kernel<T>, grid, 128, 0, s, gu, T_, I, interleaved, out);
-  }
   const size_t n = size_t(T_) * I;
+  if (I % 8 == 0) return launch_kernel(silu_mul8_kernel<T>, unsigned((n / 8 + 127) / 128), 128, 0, s, gu, T_, I, interleaved, out);
   launch_kernel(silu_mul_kernel<T>, unsigned((n + 255) / 256), 256, 0, s, gu, T_, I, interleaved, out);
 }
 
