@@ -320,11 +320,11 @@ struct ImplT final : RankModel {
   DeviceBuffer<float> gemv_scratch;  // dense_gemv's, for every dense linear of the model
 
   // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
-  DeviceBuffer<__half> w4_dense;
+  DeviceBuffer<__half> w4_scratch;
   void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, const cuda::GemvOut<T>& out,
               int M, int K, int N) {
     if (!W4) return gemm(X, W.get(), out, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_dense, stream);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_scratch, stream);
     else fail("int4 workspaces run with fp16 activations");
   }
   // Whether the kernel of this linear at M rows writes the gated activation (GemvOut::act; decode
@@ -421,10 +421,10 @@ struct ImplT final : RankModel {
     const bool graph = graphs && use_cache && T_ == 1 && cfg.rope().type != "dynamic";
     if (graph && !decode_graph) {
       prepare(rows, rank ? 0 : rows, capacity, what);
-      // W4A16 dequantizes into w4_dense beyond its fused rows; nothing may be allocated while capturing.
+      // W4A16's scratch (W4Linear::run); nothing may be allocated while capturing.
       for (const Layer& l : layers)
         for (const auto* w4 : {&l.qkv4, &l.wo4, &l.w13_4, &l.w2_4})
-          if (*w4) w4_dense.resize((*w4)->dense_elements(rows));
+          if (*w4) w4_scratch.resize((*w4)->scratch_elements(rows));
       cudaGraph_t g = nullptr;
       TMKIT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
       std::string error;

@@ -14,7 +14,7 @@
 namespace tmkit {
 
 // The W4A16 product the GPU model uses, on its own: y[M, N] = x[M, K] (fp16 bits) * w, by the
-// kernel W4Linear picks for M (path 0) or a forced one (W4Linear::Path 1 gemv, 2 gemm, 3 dense).
+// kernel W4Linear picks for M (path 0) or a forced one (W4Linear::Path 1 gemv, 2 gemm, 3 dense, 4 wgmma).
 // For tests and benchmarks.
 std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M, int path = 0);
 

@@ -32,39 +32,50 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
   TMKIT_CUDA_CHECK(cudaMemcpy(scales_.get(), w.scales.data(), w.scales.size() * 2, cudaMemcpyHostToDevice));
   TMKIT_CUDA_CHECK(cudaMemcpy(zeros_.get(), w.zeros.data(), w.zeros.size() * 2, cudaMemcpyHostToDevice));
   cuda::w4_pack(raw.get(), K, N, packed_.get(), nullptr);
-  if (N % 16 == 0) {
+  if (N % 16 == 0) {  // the streaming and wgmma kernels' scales
     scale_zero_.resize(w.scales.size());
     cuda::w4_pack_scale_zero(scales_.get(), zeros_.get(), K, N, scale_zero_.get(), nullptr);
   }
   TMKIT_CUDA_CHECK(cudaDeviceSynchronize());  // `raw` is freed on return
 }
 
+size_t W4Linear::scratch_elements(int M) const {
+  switch (choose(M, Path::kAuto)) {
+    case Path::kDense: return size_t(K) * size_t(N);
+    case Path::kWgmma: return cuda::w4a16_wgmma_scratch_halves(M, K);
+    default: return 0;
+  }
+}
+
 void W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
-                   cuda::DeviceBuffer<__half>& dense, cudaStream_t st, Path path) const {
+                   cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path) const {
   if (streams(M, path)) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), out, st);
   if (out.act) fail("int4 linear [{}, {}]: {} rows take a kernel that writes no activation", K, N, M);
   float* y = out.y;
   switch (choose(M, path)) {
     case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    case Path::kWgmma:
+      scratch.resize(cuda::w4a16_wgmma_scratch_halves(M, K));
+      return cuda::w4a16_wgmma(x, M, K, N, packed_.get(), scale_zero_.get(), y, scratch.get(), st);
     default: break;
   }
-  dense.resize(size_t(K) * size_t(N));
-  cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, dense.get(), st);
+  scratch.resize(size_t(K) * size_t(N));
+  cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, scratch.get(), st);
   const float one = 1.0f, zero = 0.0f;
-  TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense.get(), CUDA_R_16F, N, x, CUDA_R_16F,
-                                  K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x,
+                                  CUDA_R_16F, K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M, int path) {
   if (int64_t(x.size()) != M * w.K) fail("gpu_w4a16_matmul: x has {} values, expected {}", x.size(), M * w.K);
   const W4Linear d(w);
-  cuda::DeviceBuffer<__half> xd(x.size()), dense;
+  cuda::DeviceBuffer<__half> xd(x.size()), scratch;
   cuda::DeviceBuffer<float> y(size_t(M) * w.N);
   TMKIT_CUDA_CHECK(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
   cublasHandle_t blas = nullptr;
   TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
-  d.run(blas, xd.get(), M, y.get(), dense, nullptr, W4Linear::Path(path));
+  d.run(blas, xd.get(), M, y.get(), scratch, nullptr, W4Linear::Path(path));
   std::vector<float> out(size_t(M) * w.N);
   const cudaError_t err = cudaMemcpy(out.data(), y.get(), out.size() * 4, cudaMemcpyDeviceToHost);
   cublasDestroy(blas);

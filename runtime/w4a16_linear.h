@@ -14,22 +14,23 @@ class W4Linear {
   int K = 0, N = 0;
 
   // Which kernel computes a product: for few rows the streaming kernel (N % 16 == 0) or else the
-  // split-K GEMV, the tiled GEMM, or W dequantized to fp16 + cuBLAS (the only one for zero points
-  // that are not integers 0..15).
-  enum class Path { kAuto, kGemv, kGemm, kDense };
+  // split-K GEMV; for more the mma.sync GEMM, or W dequantized to fp16 + cuBLAS (the only one for
+  // zero points that are not integers 0..15). kWgmma (N % 128 == 0, else kGemm) is taken only
+  // when asked for: it does not yet beat the others across the Llama shapes (docs/performance.md).
+  enum class Path { kAuto, kGemv, kGemm, kDense, kWgmma };
   // Row counts where kAuto switches, from bench-kernels on an H200 (docs/performance.md): the
   // GEMM wins from 17 rows (the layer's four shapes together) and still at 128; at 512
   // dequantize + cuBLAS is 1.6-1.8x faster.
   static constexpr int kGemvRows = 16, kGemmRows = 128;
 
-  // y[M, N] (fp32) = x[M, K] (fp16) * W; `dense` holds the dequantized W on the kDense path
-  // (grown as needed). kGemv takes M <= 32. Only the streaming kernel does more than write y
-  // (cuda::GemvOut): callers ask streams() first.
+  // y[M, N] (fp32) = x[M, K] (fp16) * W; `scratch` holds the dequantized W on the kDense path and
+  // x reordered on the kWgmma one (grown as needed). kGemv takes M <= 32. Only the streaming
+  // kernel does more than write y (cuda::GemvOut): callers ask streams() first.
   void run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
-           cuda::DeviceBuffer<__half>& dense, cudaStream_t st, Path path = Path::kAuto) const;
+           cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path = Path::kAuto) const;
   bool streams(int M, Path path = Path::kAuto) const { return choose(M, path) == Path::kGemv && M <= 16 && N % 16 == 0; }
-  // The `dense` elements run(M) needs (0 off the kDense path): callers capturing CUDA graphs grow it first.
-  size_t dense_elements(int M) const { return choose(M, Path::kAuto) == Path::kDense ? size_t(K) * size_t(N) : 0; }
+  // The `scratch` elements run(M) needs: callers capturing CUDA graphs grow it first.
+  size_t scratch_elements(int M) const;
 
  private:
   cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_common.cuh
@@ -38,6 +39,7 @@ class W4Linear {
   bool fused_ = true;  // integer zero points: the tensor-core kernels apply
   Path choose(int M, Path path) const {
     if (!fused_) return Path::kDense;
+    if (path == Path::kWgmma && N % 128 != 0) return Path::kGemm;
     if (path != Path::kAuto) return path;
     return M <= kGemvRows ? Path::kGemv : M <= kGemmRows ? Path::kGemm : Path::kDense;
   }

@@ -118,10 +118,11 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
     for (float& v : w) v = 0.05f * uniform();
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
     const std::vector<float> dq = dequantize(q);
-    // Every row tiling of every kernel: the split-K GEMV (M <= 32), the tiled GEMM, and the
-    // dequantize + cuBLAS path.
+    // Every row tiling of every kernel: the split-K GEMV (M <= 32), the tiled GEMM, the
+    // dequantize + cuBLAS path and the wgmma GEMM (its split-K clusters included; N = 520 takes
+    // the tiled GEMM there).
     for (int M : {1, 3, 8, 9, 16, 17, 32, 33, 100, 128, 2048})
-    for (int path = 1; path <= 3; ++path) {
+    for (int path = 1; path <= 4; ++path) {
       if (path == 1 && M > 32) continue;
       std::vector<uint16_t> x(size_t(M) * K);
       for (auto& v : x) v = float_to_half(uniform());

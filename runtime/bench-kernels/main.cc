@@ -2,7 +2,7 @@
 //   ceiling  a device-to-device copy (bytes read + written per second)
 //   W4A16    tmkit's int4 products: the streaming kernel (w4a16_stream.cu, M <= 16), the split-K
 //            GEMV (w4a16_gemv.cu, M <= 32) and the tiled GEMM (w4a16_gemm.cu) in both of their
-//            block shapes, and dequantize + cuBLAS
+//            block shapes, the wgmma GEMM (w4a16_wgmma.cu, M > 16), and dequantize + cuBLAS
 //   cuBLAS   the same product with dense fp16 weights
 //   floor    a kernel that only reads the W4A16 product's bytes (read_floor.cu), launched alike
 // Weights rotate over enough copies to exceed L2, so every run streams them from HBM. CUDA
@@ -132,9 +132,9 @@ int main(int argc, char** argv) {
     cublasHandle_t blas;
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
-    std::printf("| K x N | M | stream us (v0 / v1) | gemv us (v0 / v1) | gemm us (v0 / v1) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
+    std::printf("| K x N | M | stream us (v0 / v1) | gemv us (v0 / v1) | gemm us (v0 / v1) | wgmma us | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
                 "read floor us | %% of floor | cuBLAS fp16 us | W4A16 speedup | dense GEMV us | vs cuBLAS |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
@@ -210,13 +210,37 @@ int main(int argc, char** argv) {
             tmkit::cuda::w4a16_gemm(x.get(), M, K, N, q, s, z, y.get(), st, v);
           });
         }
+        // The wgmma GEMM must give the mma.sync GEMM's result (the same fp16 weights; other order).
+        double wgmma_ms = inf;
+        bool wgmma_wrong = false;
+        DeviceBuffer<__half> x_staged(tmkit::cuda::w4a16_wgmma_scratch_halves(M, K));
+        if (M > 16) {
+          tmkit::cuda::w4a16_gemm(x.get(), M, K, N, qw[0].get(), sc[0].get(), zr[0].get(), y.get(), nullptr);
+          ref = host_y();
+          TMKIT_CUDA_CHECK(cudaMemset(y.get(), 0, size_t(M) * N * 4));
+          tmkit::cuda::w4a16_wgmma(x.get(), M, K, N, qw[0].get(), sz[0].get(), y.get(), x_staged.get(), nullptr);
+          const std::vector<float> got = host_y();
+          double num = 0, den = 0;
+          for (size_t i = 0; i < got.size(); ++i) num += double(got[i] - ref[i]) * (got[i] - ref[i]), den += double(ref[i]) * ref[i];
+          wgmma_wrong = !(num <= 1e-8 * den);  // fp32 sums of K = 11008 terms in another order: ~1e-5
+          if (wgmma_wrong) {
+            std::fprintf(stderr, "bench-kernels: w4a16_wgmma differs from w4a16_gemm at %d x %d, M = %d: rel-L2 %.3g\n", K,
+                         N, M, std::sqrt(num / den));
+            failed = true;
+          } else {
+            wgmma_ms = median_ms(reps, [&](int i, cudaStream_t st) {
+              const size_t c = size_t(i % copies);
+              tmkit::cuda::w4a16_wgmma(x.get(), M, K, N, qw[c].get(), sz[c].get(), y.get(), x_staged.get(), st);
+            });
+          }
+        }
         const double dequant_ms = time_w4([&](const uint32_t* q, const __half* s, const __half* z, cudaStream_t st) {
           tmkit::cuda::w4_dequant_packed(q, s, z, K, N, scratch.get(), st);
           cublasSetStream(blas, st);
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x.get(), CUDA_R_16F,
                        K, &zero, y.get(), CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         });
-        const double w4_ms = std::min({stream_ms[0], stream_ms[1], gemv_ms[0], gemv_ms[1], gemm_ms[0], gemm_ms[1], dequant_ms});
+        const double w4_ms = std::min({stream_ms[0], stream_ms[1], gemv_ms[0], gemv_ms[1], gemm_ms[0], gemm_ms[1], wgmma_ms, dequant_ms});
         const double blas_ms = median_ms(reps, [&](int i, cudaStream_t st) {
           cublasSetStream(blas, st);
           cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dense[size_t(i % dense_copies)].get(), CUDA_R_16F, N,
@@ -252,9 +276,9 @@ int main(int argc, char** argv) {
         const double gbs = bytes / (w4_ms * 1e-3) / 1e9;
         auto us = [](double t) { return t >= 1e29 ? std::string("-") : fmt_us(t); };
         auto stream_us = [&](int v) { return wrong[v] ? std::string("wrong") : us(stream_ms[v]); };
-        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s / %s | %s | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx | %s | %s |\n", K, N, M,
+        std::printf("| %d x %d | %d | %s / %s | %s / %s | %s / %s | %s | %s | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx | %s | %s |\n", K, N, M,
                     stream_us(0).c_str(), stream_us(1).c_str(), us(gemv_ms[0]).c_str(), us(gemv_ms[1]).c_str(), us(gemm_ms[0]).c_str(), us(gemm_ms[1]).c_str(),
-                    us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, floor_ms * 1e3, 100 * floor_ms / w4_ms, blas_ms * 1e3,
+                    wgmma_wrong ? "wrong" : us(wgmma_ms).c_str(), us(dequant_ms).c_str(), gbs, 100 * gbs / copy_gbs, floor_ms * 1e3, 100 * floor_ms / w4_ms, blas_ms * 1e3,
                     blas_ms / w4_ms, us(dense_ms).c_str(),
                     dense_ms < inf ? fmt::format("{:.2f}x", blas_ms / dense_ms).c_str() : "-");
       }

@@ -120,22 +120,34 @@ inline bool programmatic_launch_enabled() {
   return on;
 }
 
+// launch_kernel() in thread-block clusters of `cluster` blocks (each grid dimension a multiple of
+// the cluster's; {1, 1, 1}: no clusters).
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+void launch_kernel_clusters(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block, size_t smem, cudaStream_t s,
+                            Args&&... args) {
+  cudaLaunchAttribute attrs[2]{};
+  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TMKIT_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
-  attr.val.programmaticStreamSerializationAllowed =
+  attrs[0].val.programmaticStreamSerializationAllowed =
       programmatic_launch_enabled() && capture == cudaStreamCaptureStatusActive ? 1 : 0;
+  attrs[1].id = cudaLaunchAttributeClusterDimension;
+  attrs[1].val.clusterDim.x = cluster.x;
+  attrs[1].val.clusterDim.y = cluster.y;
+  attrs[1].val.clusterDim.z = cluster.z;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = s;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  config.attrs = attrs;
+  config.numAttrs = cluster.x * cluster.y * cluster.z > 1 ? 2 : 1;
   TMKIT_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, Params(std::forward<Args>(args))...));
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  launch_kernel_clusters(kernel, grid, dim3(1, 1, 1), block, smem, s, std::forward<Args>(args)...);
 }
 
 #ifdef __CUDACC__

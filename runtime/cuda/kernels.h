@@ -86,7 +86,7 @@ void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, in
 // w4a16_common.cuh) with fp16 scales and integer zeros [K/128, N]; K % 128 == 0, N % 8 == 0.
 // `variant` 0 or 1 picks one of two block shapes per row range (bench-kernels times both).
 // w4a16_gemv: M <= 32, warps split K (w4a16_gemv.cu); w4a16_gemm: any M, tiles through shared
-// memory (w4a16_gemm.cu); w4a16_stream below. W4Linear (../w4a16_linear.h) chooses between them.
+// memory (w4a16_gemm.cu); w4a16_stream and w4a16_wgmma below. W4Linear (../w4a16_linear.h) chooses between them.
 void w4a16_gemv(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                 float* y, cudaStream_t s, int variant = 0);
 void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
@@ -95,6 +95,11 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
 // (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them.
 void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
                   const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
+// Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's
+// order; `scratch` holds x reordered for the tensor cores (w4a16_wgmma_scratch_halves).
+size_t w4a16_wgmma_scratch_halves(int M, int K);
+void w4a16_wgmma(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                 __half* scratch, cudaStream_t s);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
 // scales and zeros [K/128, N] -> w4a16_stream's order (K / 128 * N words); N % 16 == 0.

@@ -1,0 +1,252 @@
+// W4A16 for many rows (batches and prefill) on Hopper's warpgroup MMA (sm_90a):
+// Y[M, N] (fp32) = X[M, K] (fp16) * W[K, N], W int4 packed as w4a16_common.cuh explains.
+//
+// Why: the mma.sync GEMM (w4a16_gemm.cu) reached 0.41-0.49x of cuBLAS fp16 at M = 128, its warps
+// spending ~3 instructions per mma on assembling fragments; here the tensor cores run
+// m64nBMk16 asynchronously while the CUDA cores dequantize the next weights.
+//
+// Operands: A = W^T from registers, B = X from shared memory. Warp w of a consumer warpgroup
+// owns 16 output columns, the column pair (tiles 2p, 2p + 1) of the packed layout: lane (g, c)'s
+// uint4 of each tile, dequantized by dequant_word, is exactly wgmma's A fragment of rows g
+// (tile 2p's column g) and g + 8 (tile 2p + 1's), k-tile by k-tile, as in w4a16_stream.cu. The
+// scale is folded into the fp16 weights ((q - z) * s rounded once: the reference's own
+// dequantized values, as in w4a16_gemm.cu).
+// B must then follow the packing's k order: virtual k-tile t of a group holds, at positions 2c,
+// 2c + 1 and 2c + 8, 2c + 9, the physical rows 32c + 4t + 0, 1 and 32c + 4t + 2, 3 — a
+// permutation at 4-byte granularity that no copy engine does, so w4_stage_x first writes X in
+// that order, already cut into wgmma's core matrices (8 rows x 8 k, 128 bytes):
+//   xp[group][row / 8][t][h][row % 8][8 halves]   (h = 0: virtual k 0..7, h = 1: k 8..15)
+// One group of BM rows is then one contiguous range: the producer's single bulk copy per stage,
+// and the descriptor of k-tile t is (stage + 256 t, lbo 128, sbo 2048).
+//
+// Block: consumer warpgroups 0 and 1 (64 columns each: 128 columns per block) and one producer
+// warp whose lane 0 keeps S stages of [16 weight units][their scales and zeros][BM rows of xp] in
+// flight with the bulk copy engine (full/empty mbarriers as in w4a16_stream.cu). Rows past M8 (M rounded up to
+// 8) are never copied: their columns of B are stale shared memory, and only their (unstored)
+// outputs see it.
+// Split-K: when there are too few blocks for the SMs, the grid's z blocks of one tile form a
+// cluster, each taking a slice of the groups; their fp32 partials meet in shared memory and block
+// r of the cluster sums every split's values, in split order, for its share of the outputs
+// (deterministic; no second kernel, no global scratch).
+#include "kernels.h"
+#include "w4a16_common.cuh"
+#include "wgmma.cuh"
+
+namespace tmkit::cuda {
+
+namespace {
+
+using namespace w4;
+
+constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 32;  // + one producer warp
+constexpr int kTiles = 16;                                               // 128 columns per block
+constexpr int kMaxSplits = 8;                                            // the portable cluster size
+
+template <int BM>
+struct WgmmaShape {
+  static constexpr int kRegs = BM / 2;  // accumulators per consumer thread
+  // A stage: the block's 16 weight units of the group, their 8 pairs' scale/zero entries (64 B
+  // each, w4a16_stream's order), then BM rows of xp.
+  static constexpr int kWBytes = kTiles * 512, kSzBytes = kTiles / 2 * 64, kXOffset = kWBytes + kSzBytes;
+  static constexpr int kStageBytes = kXOffset + BM * 256;
+  static constexpr int kStages = 220 * 1024 / kStageBytes > 8 ? 8 : 220 * 1024 / kStageBytes;  // 64: 8, 128: 5
+  static constexpr int kSmem = kStages * kStageBytes + 2 * kStages * 8;
+  static_assert(kRegs * kConsumerThreads * 4 <= kStages * kStageBytes, "the partials reuse the ring");
+};
+
+// One thread per (row, group, j): physical rows 32c + 8j .. + 7 (c = 0..3) of the group are the
+// virtual k-tiles 2j and 2j + 1 (see above); rows M .. M8 - 1 are written as zeros.
+__global__ void w4_stage_x_kernel(const __half* __restrict__ x, int M, int M8, int K, uint4* __restrict__ xp) {
+  pdl_begin();
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x, blocks8 = size_t(M8) / 8;
+  if (i >= size_t(M8) * K / 32) return;
+  // row % 8 fastest, then j: a warp stores whole 128-byte core-matrix rows.
+  const int r8 = int(i % 8), j = int(i / 8 % 4);
+  const size_t mb = i / 32 % blocks8, grp = i / 32 / blocks8;
+  const int row = int(mb) * 8 + r8;
+  uint4 w[4] = {};
+  if (row < M)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      w[c] = *reinterpret_cast<const uint4*>(x + size_t(row) * K + grp * kGroup + 32 * c + 8 * j);
+  uint4* out = xp + (grp * blocks8 + mb) * 128 + r8;  // 2 KB per (group, 8 rows); + 16 B per row
+  out[(2 * j) * 16] = make_uint4(w[0].x, w[1].x, w[2].x, w[3].x);
+  out[(2 * j) * 16 + 8] = make_uint4(w[0].y, w[1].y, w[2].y, w[3].y);
+  out[(2 * j + 1) * 16] = make_uint4(w[0].z, w[1].z, w[2].z, w[3].z);
+  out[(2 * j + 1) * 16 + 8] = make_uint4(w[0].w, w[1].w, w[2].w, w[3].w);
+}
+
+// Accumulator register i of a consumer thread: its output row (token) and column. Consumer warp
+// w owns the block's tiles 2w and 2w + 1 (warpgroup 0: tiles 0..7, warpgroup 1: 8..15).
+struct Out {
+  int row, col;
+};
+__device__ __forceinline__ Out out_of(int ctid, int i, int m0, int tile0) {
+  const int warp = ctid / 32, lane = ctid % 32, g = lane / 4, c = lane % 4;
+  return {m0 + 8 * (i / 4) + 2 * c + (i & 1), (tile0 + 2 * warp) * 8 + g + (i % 4 >= 2 ? 8 : 0)};
+}
+
+template <int BM>
+__global__ void __launch_bounds__(kThreads, 1)
+    w4a16_wgmma_kernel(const uint4* __restrict__ xp, int M, int M8, int K, int N, const uint4* __restrict__ packed,
+                       const uint2* __restrict__ scale_zero, float* __restrict__ y) {
+  using Shape = WgmmaShape<BM>;
+  constexpr int S = Shape::kStages, kRegs = Shape::kRegs;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * Shape::kStageBytes);
+  uint64_t* empty = full + S;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = K / kGroup, splits = gridDim.z, per_split = (groups + splits - 1) / splits;
+  const int g0 = min(groups, int(blockIdx.z) * per_split), g1 = min(groups, g0 + per_split);
+  const int tile0 = blockIdx.x * kTiles, m0 = blockIdx.y * BM, rows8 = min(BM, M8 - m0);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumerThreads / 32);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  pdl_begin();
+
+  if (warp == kConsumerThreads / 32) {  // the producer warp: lane 0 issues the copies
+    if (lane == 0)
+      for (int grp = g0, it = 0; grp < g1; ++grp, ++it) {
+        const int s = it % S;
+        mbar_wait(&empty[s], ((it / S) & 1) ^ 1);
+        uint8_t* stage = smem + s * Shape::kStageBytes;
+        mbar_arrive_expect_tx(&full[s], Shape::kXOffset + rows8 * 256);
+        for (int t = 0; t < kTiles; ++t)
+          bulk_copy(stage + t * 512, packed + (size_t(tile0 + t) * groups + grp) * 32, 512, &full[s]);
+        for (int p = 0; p < kTiles / 2; ++p)
+          bulk_copy(stage + Shape::kWBytes + p * 64, scale_zero + (size_t(tile0 / 2 + p) * groups + grp) * 8, 64, &full[s]);
+        bulk_copy(stage + Shape::kXOffset, xp + (size_t(grp) * (M8 / 8) + m0 / 8) * 128, rows8 * 256, &full[s]);
+      }
+    __syncwarp();
+    if (splits > 1) {  // the consumers' two cluster barriers (below)
+      cluster_sync();
+      cluster_sync();
+    }
+    return;
+  }
+
+  const int ctid = threadIdx.x, g = lane / 4;
+  float acc[kRegs];
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
+  for (int grp = g0, it = 0; grp < g1; ++grp, ++it) {
+    const int s = it % S;
+    mbar_wait(&full[s], (it / S) & 1);
+    const uint8_t* stage = smem + s * Shape::kStageBytes;
+    const uint4 qa = reinterpret_cast<const uint4*>(stage)[(2 * warp) * 32 + lane];
+    const uint4 qb = reinterpret_cast<const uint4*>(stage)[(2 * warp + 1) * 32 + lane];
+    const uint2 sz = reinterpret_cast<const uint2*>(stage + Shape::kWBytes)[warp * 8 + g];
+    const __half2 sza = as_h2(sz.x), szb = as_h2(sz.y), sa = __low2half2(sza), sb = __low2half2(szb);
+    const Zero za(__high2half(sza)), zb(__high2half(szb));
+    const uint32_t x_stage = smem_addr(stage + Shape::kXOffset);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4], b[4];
+      dequant_word(word(qa, j), za, a);
+      dequant_word(word(qb, j), zb, b);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = as_u32(__hmul2(as_h2(a[i]), sa));
+        b[i] = as_u32(__hmul2(as_h2(b[i]), sb));
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int h = 0; h < 2; ++h)  // k-tile 2j + h: rows g = tile 2w, g + 8 = tile 2w + 1
+        wgmma_rs<BM>(acc, a[2 * h], b[2 * h], a[2 * h + 1], b[2 * h + 1], make_desc(x_stage + (2 * j + h) * 256, 128, 2048));
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) {
+      const Out o = out_of(ctid, i, m0, tile0);
+      if (o.row < M) y[size_t(o.row) * N + o.col] = acc[i];
+    }
+    return;
+  }
+  // Split-K: the partials into the (now idle) ring once every consumer is past its last read;
+  // block r of the cluster then sums its share of their float4s over the splits, in split order
+  // (all loads issued before the first add).
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+  float* part = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) part[i * kConsumerThreads + ctid] = acc[i];
+  cluster_sync();
+  constexpr int kQuads = kRegs * kConsumerThreads / 4;
+  const int rank = int(cluster_rank()), per_rank = (kQuads + splits - 1) / splits;
+  const float4* quads = reinterpret_cast<const float4*>(smem);
+  for (int q = rank * per_rank + ctid; q < min(kQuads, (rank + 1) * per_rank); q += kConsumerThreads) {
+    float4 v[kMaxSplits];
+#pragma unroll
+    for (int r = 0; r < kMaxSplits; ++r)
+      if (r < splits) v[r] = load_from_block(quads + q, uint32_t(r));
+    float4 sum = v[0];
+#pragma unroll
+    for (int r = 1; r < kMaxSplits; ++r)
+      if (r < splits) sum.x += v[r].x, sum.y += v[r].y, sum.z += v[r].z, sum.w += v[r].w;
+    const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // float 4q + e of the partials = register i of consumer thread ct
+      const int f = 4 * q + e;
+      const Out o = out_of(f % kConsumerThreads, f / kConsumerThreads, m0, tile0);
+      if (o.row < M) y[size_t(o.row) * N + o.col] = vals[e];
+    }
+  }
+  cluster_sync();  // no block leaves while another still reads its partials
+}
+
+// Split-K factor: the fewest rounds of (full-K block time / splits + ~2 groups of pipeline fill).
+int choose_splits(long blocks, int groups) {
+  const long sms = sm_count();
+  int best = 1;
+  double best_cost = 1e30;
+  for (int s = 1; s <= kMaxSplits && s <= groups; ++s) {
+    const double cost = double((blocks * s + sms - 1) / sms) * (double(groups) / s + 2.0);
+    if (cost < best_cost - 1e-9) best = s, best_cost = cost;
+  }
+  return best;
+}
+
+template <int BM>
+void launch(const uint4* xp, int M, int M8, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+            cudaStream_t s) {
+  using Shape = WgmmaShape<BM>;
+  constexpr auto kernel = w4a16_wgmma_kernel<BM>;
+  allow_dynamic_smem<kernel>(Shape::kSmem);
+  const int col_blocks = N / (kTiles * 8), m_blocks = (M8 + BM - 1) / BM;
+  const int splits = choose_splits(long(col_blocks) * m_blocks, K / kGroup);
+  launch_kernel_clusters(kernel, dim3(col_blocks, m_blocks, splits), dim3(1, 1, splits), kThreads, Shape::kSmem, s,
+                         xp, M, M8, K, N, reinterpret_cast<const uint4*>(packed),
+                         reinterpret_cast<const uint2*>(scale_zero), y);
+}
+
+}  // namespace
+
+size_t w4a16_wgmma_scratch_halves(int M, int K) { return size_t((M + 7) / 8 * 8) * size_t(K); }
+
+void w4a16_wgmma(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                 __half* scratch, cudaStream_t s) {
+  if (M < 1 || K % kGroup || N % 128)
+    fail("w4a16_wgmma: unsupported shape M={} K={} N={} (K % 128, N % 128)", M, K, N);
+  const int M8 = (M + 7) / 8 * 8;
+  uint4* xp = reinterpret_cast<uint4*>(scratch);
+  const size_t threads = size_t(M8) * K / 32;
+  launch_kernel(w4_stage_x_kernel, dim3(unsigned((threads + 255) / 256)), dim3(256), 0, s, x, M, M8, K, xp);
+  // Measured and dropped (H200, docs/performance.md): BM = 256 (ptxas serialized its wgmma for
+  // want of registers) and 256 columns per block (two m64 tiles per warpgroup, a producer
+  // warpgroup and setmaxnreg: it spilled at ptxas's 168-register cap and ran 15-25% slower).
+  if (M8 <= 64) return launch<64>(xp, M, M8, K, N, packed, scale_zero, y, s);
+  launch<128>(xp, M, M8, K, N, packed, scale_zero, y, s);
+}
+
+}  // namespace tmkit::cuda
