@@ -39,8 +39,8 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
   TMKIT_CUDA_CHECK(cudaDeviceSynchronize());  // `raw` is freed on return
 }
 
-size_t W4Linear::scratch_elements(int M) const {
-  switch (choose(M, Path::kAuto)) {
+size_t W4Linear::scratch_for(Path p, int M) const {
+  switch (p) {
     case Path::kDense: return size_t(K) * size_t(N);
     case Path::kWgmma: return cuda::w4a16_wgmma_scratch_halves(M, K);
     default: return 0;
@@ -52,15 +52,14 @@ void W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::Gemv
   if (streams(M, path)) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), out, st);
   if (out.act) fail("int4 linear [{}, {}]: {} rows take a kernel that writes no activation", K, N, M);
   float* y = out.y;
-  switch (choose(M, path)) {
+  const Path p = choose(M, path);
+  scratch.resize(scratch_for(p, M));
+  switch (p) {
     case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
-    case Path::kWgmma:
-      scratch.resize(cuda::w4a16_wgmma_scratch_halves(M, K));
-      return cuda::w4a16_wgmma(x, M, K, N, packed_.get(), scale_zero_.get(), y, scratch.get(), st);
+    case Path::kWgmma: return cuda::w4a16_wgmma(x, M, K, N, packed_.get(), scale_zero_.get(), y, scratch.get(), st);
     default: break;
   }
-  scratch.resize(size_t(K) * size_t(N));
   cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, scratch.get(), st);
   const float one = 1.0f, zero = 0.0f;
   TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x,

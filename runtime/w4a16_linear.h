@@ -30,13 +30,14 @@ class W4Linear {
            cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path = Path::kAuto) const;
   bool streams(int M, Path path = Path::kAuto) const { return choose(M, path) == Path::kGemv && M <= 16 && N % 16 == 0; }
   // The `scratch` elements run(M) needs: callers capturing CUDA graphs grow it first.
-  size_t scratch_elements(int M) const;
+  size_t scratch_elements(int M) const { return scratch_for(choose(M, Path::kAuto), M); }
 
  private:
   cuda::DeviceBuffer<uint32_t> packed_;  // see cuda/w4a16_common.cuh
   cuda::DeviceBuffer<__half> scales_, zeros_;  // [K/128, N], as on disk
   cuda::DeviceBuffer<uint32_t> scale_zero_;     // w4a16_stream's order (N % 16 == 0)
   bool fused_ = true;  // integer zero points: the tensor-core kernels apply
+  size_t scratch_for(Path p, int M) const;
   Path choose(int M, Path path) const {
     if (!fused_) return Path::kDense;
     if (path == Path::kWgmma && N % 128 != 0) return Path::kGemm;
