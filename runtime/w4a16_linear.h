@@ -14,14 +14,13 @@ class W4Linear {
   int K = 0, N = 0;
 
   // Which kernel computes a product: for few rows the streaming kernel (N % 16 == 0) or else the
-  // split-K GEMV; for more the mma.sync GEMM, or W dequantized to fp16 + cuBLAS (the only one for
-  // zero points that are not integers 0..15). kWgmma (N % 128 == 0, else kGemm) is taken only
-  // when asked for: it does not yet beat the others across the Llama shapes (docs/performance.md).
+  // split-K GEMV; for more the wgmma GEMM (N % 128 == 0) or else the mma.sync GEMM; for many, W
+  // dequantized to fp16 + cuBLAS (the only one for zero points that are not integers 0..15).
   enum class Path { kAuto, kGemv, kGemm, kDense, kWgmma };
   // Row counts where kAuto switches, from bench-kernels on an H200 (docs/performance.md): the
-  // GEMM wins from 17 rows (the layer's four shapes together) and still at 128; at 512
-  // dequantize + cuBLAS is 1.6-1.8x faster.
-  static constexpr int kGemvRows = 16, kGemmRows = 128;
+  // tensor-core GEMMs win from 17 rows; at 2048 dequantize + cuBLAS is as fast as wgmma, at 512
+  // the mma.sync GEMM is 1.6-1.8x slower than dequantize + cuBLAS.
+  static constexpr int kGemvRows = 16, kGemmRows = 128, kWgmmaRows = 1024;
 
   // y[M, N] (fp32) = x[M, K] (fp16) * W; `scratch` holds the dequantized W on the kDense path and
   // x reordered on the kWgmma one (grown as needed). kGemv takes M <= 32. Only the streaming
@@ -42,7 +41,9 @@ class W4Linear {
     if (!fused_) return Path::kDense;
     if (path == Path::kWgmma && N % 128 != 0) return Path::kGemm;
     if (path != Path::kAuto) return path;
-    return M <= kGemvRows ? Path::kGemv : M <= kGemmRows ? Path::kGemm : Path::kDense;
+    if (M <= kGemvRows) return Path::kGemv;
+    if (N % 128 == 0) return M <= kWgmmaRows ? Path::kWgmma : Path::kDense;
+    return M <= kGemmRows ? Path::kGemm : Path::kDense;
   }
 };
 

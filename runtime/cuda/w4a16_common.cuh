@@ -81,6 +81,16 @@ __device__ inline void bulk_copy(void* smem, const void* gmem, uint32_t bytes, u
                : "memory");
 }
 
+// One box of a tiled tensor map (`map`: the address of a __grid_constant__ CUtensorMap) at
+// element coordinates (x, y, z) -> shared memory, completing on `bar`.
+__device__ inline void tma_load_3d(void* smem, const void* map, int x, int y, int z, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+          smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(smem_addr(bar))
+      : "memory");
+}
+
 __device__ inline uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ inline __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 

@@ -21,13 +21,21 @@
 //
 // Block: consumer warpgroups 0 and 1 (64 columns each: 128 columns per block) and one producer
 // warp whose lane 0 keeps S stages of [16 weight units][their scales and zeros][BM rows of xp] in
-// flight with the bulk copy engine (full/empty mbarriers as in w4a16_stream.cu). Rows past M8 (M rounded up to
-// 8) are never copied: their columns of B are stale shared memory, and only their (unstored)
-// outputs see it.
-// Split-K: when there are too few blocks for the SMs, the grid's z blocks of one tile form a
-// cluster, each taking a slice of the groups; their fp32 partials meet in shared memory and block
-// r of the cluster sums every split's values, in split order, for its share of the outputs
-// (deterministic; no second kernel, no global scratch).
+// flight with the copy engine (full/empty mbarriers as in w4a16_stream.cu): three requests per
+// stage, the 16 units (512 bytes each, groups * 512 bytes apart) and their scales through 3-D
+// tensor maps, xp as one bulk copy. Issued as 25 separate bulk copies, the same bytes made the
+// kernel 1.4-1.7x slower (H200, docs/performance.md): the copy engine's cost is per request.
+// Rows past M8 (M rounded up to 8) are never copied: their columns of B are stale shared memory,
+// and only their (unstored) outputs see it.
+// Split-K: when the tiles leave SMs idle, the grid's z blocks of one tile form a cluster, each
+// taking a slice of the groups; their fp32 partials meet in shared memory and block r of the
+// cluster sums every split's values, in split order, for its share of the outputs (deterministic;
+// no second kernel, no global scratch).
+#include <cuda.h>  // CUtensorMap (the driver's function is reached through the runtime)
+#include <cudaTypedefs.h>
+
+#include <atomic>
+
 #include "kernels.h"
 #include "w4a16_common.cuh"
 #include "wgmma.cuh"
@@ -86,10 +94,12 @@ __device__ __forceinline__ Out out_of(int ctid, int i, int m0, int tile0) {
   return {m0 + 8 * (i / 4) + 2 * c + (i & 1), (tile0 + 2 * warp) * 8 + g + (i % 4 >= 2 ? 8 : 0)};
 }
 
+// `units`: the packed weights as [N / 8 tiles][groups][512 bytes]; `scale_zero`: their scales as
+// [N / 16 pairs][groups][64 bytes]; one box = 16 tiles (8 pairs) of one group.
 template <int BM>
 __global__ void __launch_bounds__(kThreads, 1)
-    w4a16_wgmma_kernel(const uint4* __restrict__ xp, int M, int M8, int K, int N, const uint4* __restrict__ packed,
-                       const uint2* __restrict__ scale_zero, float* __restrict__ y) {
+    w4a16_wgmma_kernel(const uint4* __restrict__ xp, int M, int M8, int K, int N, const __grid_constant__ CUtensorMap units,
+                       const __grid_constant__ CUtensorMap scale_zero, float* __restrict__ y) {
   using Shape = WgmmaShape<BM>;
   constexpr int S = Shape::kStages, kRegs = Shape::kRegs;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -117,10 +127,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(&empty[s], ((it / S) & 1) ^ 1);
         uint8_t* stage = smem + s * Shape::kStageBytes;
         mbar_arrive_expect_tx(&full[s], Shape::kXOffset + rows8 * 256);
-        for (int t = 0; t < kTiles; ++t)
-          bulk_copy(stage + t * 512, packed + (size_t(tile0 + t) * groups + grp) * 32, 512, &full[s]);
-        for (int p = 0; p < kTiles / 2; ++p)
-          bulk_copy(stage + Shape::kWBytes + p * 64, scale_zero + (size_t(tile0 / 2 + p) * groups + grp) * 8, 64, &full[s]);
+        tma_load_3d(stage, &units, 0, grp, tile0, &full[s]);
+        tma_load_3d(stage + Shape::kWBytes, &scale_zero, 0, grp, tile0 / 2, &full[s]);
         bulk_copy(stage + Shape::kXOffset, xp + (size_t(grp) * (M8 / 8) + m0 / 8) * 128, rows8 * 256, &full[s]);
       }
     __syncwarp();
@@ -205,16 +213,62 @@ __global__ void __launch_bounds__(kThreads, 1)
   cluster_sync();  // no block leaves while another still reads its partials
 }
 
-// Split-K factor: the fewest rounds of (full-K block time / splits + ~2 groups of pipeline fill).
-int choose_splits(long blocks, int groups) {
-  const long sms = sm_count();
+// Clusters of `splits` blocks that fit on the device at once (GPC boundaries: on an H200 39 of 3,
+// 30 of 4, 15 of 8 with one block per SM), per block shape.
+template <int BM>
+int active_clusters(int splits) {
+  static std::atomic<int> known[kMaxSplits + 1] = {};
+  if (const int n = known[splits].load()) return n;
+  constexpr auto kernel = w4a16_wgmma_kernel<BM>;
+  allow_dynamic_smem<kernel>(WgmmaShape<BM>::kSmem);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim = {1, 1, unsigned(splits)};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(1, 1, splits);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = WgmmaShape<BM>::kSmem;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int n = 0;
+  TMKIT_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &config));
+  known[splits].store(std::max(n, 1));
+  return std::max(n, 1);
+}
+
+// Split-K factor: the most splits that still run the grid in one wave, at least 4 groups each.
+// Measured (H200, M = 128): a second wave of clusters costs more than the shorter slices save
+// (4096 x 4096: 3 splits 15.1 us, 4 splits in two waves 22.5), and once the tiles alone fill the
+// SMs splitting only adds waves (4096 x 12288: 1 split 27.7 us, 2 splits 38.2).
+template <int BM>
+int choose_splits(int clusters, int groups) {
   int best = 1;
-  double best_cost = 1e30;
-  for (int s = 1; s <= kMaxSplits && s <= groups; ++s) {
-    const double cost = double((blocks * s + sms - 1) / sms) * (double(groups) / s + 2.0);
-    if (cost < best_cost - 1e-9) best = s, best_cost = cost;
-  }
+  for (int s = 2; s <= kMaxSplits && groups >= 4 * s; ++s)
+    if (clusters <= active_clusters<BM>(s)) best = s;
   return best;
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const auto fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    TMKIT_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || !f) fail("w4a16_wgmma: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// [slabs][rows][row_bytes] (4-byte elements); one box = `box_slabs` slabs of one row.
+CUtensorMap slab_map(const void* base, uint64_t row_bytes, uint64_t rows, uint64_t slabs, uint32_t box_slabs) {
+  const cuuint64_t dims[3] = {row_bytes / 4, rows, slabs}, strides[2] = {row_bytes, row_bytes * rows};
+  const cuuint32_t box[3] = {uint32_t(row_bytes / 4), 1, box_slabs}, unit[3] = {1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 3, const_cast<void*>(base), dims, strides, box, unit,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) fail("w4a16_wgmma: cuTensorMapEncodeTiled failed ({}) for {} x {} x {} bytes", int(r), slabs, rows, row_bytes);
+  return map;
 }
 
 template <int BM>
@@ -223,11 +277,12 @@ void launch(const uint4* xp, int M, int M8, int K, int N, const uint32_t* packed
   using Shape = WgmmaShape<BM>;
   constexpr auto kernel = w4a16_wgmma_kernel<BM>;
   allow_dynamic_smem<kernel>(Shape::kSmem);
-  const int col_blocks = N / (kTiles * 8), m_blocks = (M8 + BM - 1) / BM;
-  const int splits = choose_splits(long(col_blocks) * m_blocks, K / kGroup);
+  const int groups = K / kGroup, col_blocks = N / (kTiles * 8), m_blocks = (M8 + BM - 1) / BM;
+  const int splits = choose_splits<BM>(col_blocks * m_blocks, groups);
+  const CUtensorMap units = slab_map(packed, 512, groups, N / 8, kTiles);
+  const CUtensorMap scales = slab_map(scale_zero, 64, groups, N / 16, kTiles / 2);
   launch_kernel_clusters(kernel, dim3(col_blocks, m_blocks, splits), dim3(1, 1, splits), kThreads, Shape::kSmem, s,
-                         xp, M, M8, K, N, reinterpret_cast<const uint4*>(packed),
-                         reinterpret_cast<const uint2*>(scale_zero), y);
+                         xp, M, M8, K, N, units, scales, y);
 }
 
 }  // namespace
