@@ -142,6 +142,25 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
   }
 }
 
+// The wgmma GEMM's stream-K reduction adds each tile's partial sums in a fixed order: the same
+// inputs give the same bits, run after run (4096 x 4096 at 128 rows splits every tile over 4-5
+// blocks).
+TEST(GpuW4A16, WgmmaIsDeterministic) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  SplitMix64 rng{4242};
+  const int K = 4096, N = 4096, M = 128;
+  std::vector<float> w(size_t(K) * N);
+  for (float& v : w) v = 0.05f * float(rng.symmetric());
+  const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
+  std::vector<uint16_t> x(size_t(M) * K);
+  for (auto& v : x) v = float_to_half(float(rng.symmetric()));
+  const std::vector<float> first = gpu_w4a16_matmul(q, x, M, 4);
+  for (int run = 0; run < 3; ++run) {
+    const std::vector<float> again = gpu_w4a16_matmul(q, x, M, 4);
+    ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float))) << "run " << run;
+  }
+}
+
 // Zero points that are not integers 0..15 (legal in the format, never written by AWQ or RTN) take
 // the dequantizing path and still give the dequantized product.
 TEST(GpuW4A16, NonIntegerZerosStillExact) {
