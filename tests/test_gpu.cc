@@ -142,9 +142,8 @@ TEST(GpuW4A16, MatchesDequantizedProduct) {
   }
 }
 
-// The wgmma GEMM's stream-K reduction adds each tile's partial sums in a fixed order: the same
-// inputs give the same bits, run after run (4096 x 4096 at 128 rows splits every tile over 4-5
-// blocks).
+// The wgmma GEMM's split-K reduction adds each tile's partial sums in split order: the same
+// inputs give the same bits, run after run (4096 x 4096 at 128 rows: three splits per tile).
 TEST(GpuW4A16, WgmmaIsDeterministic) {
   if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
   SplitMix64 rng{4242};

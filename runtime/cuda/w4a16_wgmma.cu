@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Clusters of `splits` blocks that fit on the device at once (GPC boundaries: on an H200 39 of 3,
-// 30 of 4, 15 of 8 with one block per SM), per block shape.
+// 30 of 4, 15 of 8 with one block per SM), per block shape; asked once (a process's devices are
+// alike: tensor parallelism runs on copies of one GPU).
 template <int BM>
 int active_clusters(int splits) {
   static std::atomic<int> known[kMaxSplits + 1] = {};
