@@ -110,6 +110,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g0 = min(groups, int(blockIdx.z) * per_split), g1 = min(groups, g0 + per_split);
   const int tile0 = blockIdx.x * kTiles, m0 = blockIdx.y * BM, rows8 = min(BM, M8 - m0);
 
+  if (threadIdx.x == kConsumerThreads) {  // the producer's descriptors, fetched while the barriers are made
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&units)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&scale_zero)) : "memory");
+  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
@@ -174,43 +178,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) mbar_arrive(&empty[s]);
   }
 
-  if (splits == 1) {
+  // Epilogue: the accumulators into the (now idle) ring as the block's rows of 128 floats, then y
+  // row by row in float4s: straight from registers, a warp's store covered 8 columns of 4 rows.
+  // The pitch of 132 floats puts one register's 32 stores in 32 banks. With split-K, block r of
+  // the cluster sums its share of the rows over every split's shared memory, in split order (all
+  // loads issued before the first add).
+  constexpr int kPitch = kTiles * 8 + 4;
+  static_assert(BM * kPitch * 4 <= S * Shape::kStageBytes, "the output tile fits in the ring");
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");  // every consumer is past its last read
+  float* rows = reinterpret_cast<float*>(smem);
 #pragma unroll
-    for (int i = 0; i < kRegs; ++i) {
-      const Out o = out_of(ctid, i, m0, tile0);
-      if (o.row < M) y[size_t(o.row) * N + o.col] = acc[i];
-    }
-    return;
+  for (int i = 0; i < kRegs; ++i) {
+    const Out o = out_of(ctid, i, 0, 0);
+    rows[o.row * kPitch + o.col] = acc[i];
   }
-  // Split-K: the partials into the (now idle) ring once every consumer is past its last read;
-  // block r of the cluster then sums its share of their float4s over the splits, in split order
-  // (all loads issued before the first add).
-  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
-  float* part = reinterpret_cast<float*>(smem);
+  if (splits > 1)
+    cluster_sync();
+  else
+    asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+  const int rank = splits > 1 ? int(cluster_rank()) : 0, per_rank = (rows8 + splits - 1) / splits;
+  const int r0 = rank * per_rank, r1 = min(rows8, r0 + per_rank), m1 = min(M - m0, r1);
+  for (int q = r0 * 32 + ctid; q < m1 * 32; q += kConsumerThreads) {  // float4 q % 32 of row q / 32
+    const float4* at = reinterpret_cast<const float4*>(rows + q / 32 * kPitch) + q % 32;
+    float4 sum = *at;
+    if (splits > 1) {
+      float4 v[kMaxSplits];
 #pragma unroll
-  for (int i = 0; i < kRegs; ++i) part[i * kConsumerThreads + ctid] = acc[i];
-  cluster_sync();
-  constexpr int kQuads = kRegs * kConsumerThreads / 4;
-  const int rank = int(cluster_rank()), per_rank = (kQuads + splits - 1) / splits;
-  const float4* quads = reinterpret_cast<const float4*>(smem);
-  for (int q = rank * per_rank + ctid; q < min(kQuads, (rank + 1) * per_rank); q += kConsumerThreads) {
-    float4 v[kMaxSplits];
+      for (int r = 0; r < kMaxSplits; ++r)
+        if (r < splits) v[r] = load_from_block(at, uint32_t(r));
+      sum = v[0];
 #pragma unroll
-    for (int r = 0; r < kMaxSplits; ++r)
-      if (r < splits) v[r] = load_from_block(quads + q, uint32_t(r));
-    float4 sum = v[0];
-#pragma unroll
-    for (int r = 1; r < kMaxSplits; ++r)
-      if (r < splits) sum.x += v[r].x, sum.y += v[r].y, sum.z += v[r].z, sum.w += v[r].w;
-    const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {  // float 4q + e of the partials = register i of consumer thread ct
-      const int f = 4 * q + e;
-      const Out o = out_of(f % kConsumerThreads, f / kConsumerThreads, m0, tile0);
-      if (o.row < M) y[size_t(o.row) * N + o.col] = vals[e];
+      for (int r = 1; r < kMaxSplits; ++r)
+        if (r < splits) sum.x += v[r].x, sum.y += v[r].y, sum.z += v[r].z, sum.w += v[r].w;
     }
+    reinterpret_cast<float4*>(y + size_t(m0 + q / 32) * N + tile0 * 8)[q % 32] = sum;
   }
-  cluster_sync();  // no block leaves while another still reads its partials
+  if (splits > 1) cluster_sync();  // no block leaves while another still reads its partials
 }
 
 // Clusters of `splits` blocks that fit on the device at once (GPC boundaries: on an H200 39 of 3,
