@@ -160,6 +160,32 @@ TEST(GpuW4A16, WgmmaIsDeterministic) {
   }
 }
 
+// More tiles than one wave: whole waves run unsplit, the remainder in split-K clusters (a second
+// launch). One column block of 128 and SMs + 2 row blocks leave 2 tiles over.
+TEST(GpuW4A16, WgmmaWholeWavesThenSplitRemainder) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  int sms = 0;
+  ASSERT_EQ(cudaSuccess, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  SplitMix64 rng{99};
+  const int K = 1024, N = 128, M = 128 * (sms + 2) - 5;
+  std::vector<float> w(size_t(K) * N);
+  for (float& v : w) v = 0.05f * float(rng.symmetric());
+  const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
+  const std::vector<float> dq = dequantize(q);
+  std::vector<uint16_t> x(size_t(M) * K);
+  for (auto& v : x) v = float_to_half(float(rng.symmetric()));
+  const std::vector<float> y = gpu_w4a16_matmul(q, x, M, 4);
+  double num = 0, den = 0;
+  for (int m = 0; m < M; m += (m >= M - 300 ? 1 : 61))  // every row of the split tiles, a sample of the rest
+    for (int n = 0; n < N; ++n) {
+      double ref = 0;
+      for (int k = 0; k < K; ++k) ref += double(half_to_float(x[size_t(m) * K + k])) * dq[size_t(k) * N + n];
+      num += (y[size_t(m) * N + n] - ref) * (y[size_t(m) * N + n] - ref);
+      den += ref * ref;
+    }
+  EXPECT_LE(std::sqrt(num / den), 1e-4) << "M=" << M;
+}
+
 // Zero points that are not integers 0..15 (legal in the format, never written by AWQ or RTN) take
 // the dequantizing path and still give the dequantized product.
 TEST(GpuW4A16, NonIntegerZerosStillExact) {

@@ -98,7 +98,7 @@ __device__ __forceinline__ Out out_of(int ctid, int i, int m0, int tile0) {
 // [N / 16 pairs][groups][64 bytes]; one box = 16 tiles (8 pairs) of one group.
 template <int BM>
 __global__ void __launch_bounds__(kThreads, 1)
-    w4a16_wgmma_kernel(const uint4* __restrict__ xp, int M, int M8, int K, int N, const __grid_constant__ CUtensorMap units,
+    w4a16_wgmma_kernel(const uint4* __restrict__ xp, int M, int M8, int K, int N, int tile_begin, const __grid_constant__ CUtensorMap units,
                        const __grid_constant__ CUtensorMap scale_zero, float* __restrict__ y) {
   using Shape = WgmmaShape<BM>;
   constexpr int S = Shape::kStages, kRegs = Shape::kRegs;
@@ -108,7 +108,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int groups = K / kGroup, splits = gridDim.z, per_split = (groups + splits - 1) / splits;
   const int g0 = min(groups, int(blockIdx.z) * per_split), g1 = min(groups, g0 + per_split);
-  const int tile0 = blockIdx.x * kTiles, m0 = blockIdx.y * BM, rows8 = min(BM, M8 - m0);
+  const int tile = tile_begin + blockIdx.x, col_blocks = N / (kTiles * 8);  // tiles: m blocks of column blocks
+  const int tile0 = tile % col_blocks * kTiles, m0 = tile / col_blocks * BM, rows8 = min(BM, M8 - m0);
 
   if (threadIdx.x == kConsumerThreads) {  // the producer's descriptors, fetched while the barriers are made
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&units)) : "memory");
@@ -281,12 +282,19 @@ void launch(const uint4* xp, int M, int M8, int K, int N, const uint32_t* packed
   using Shape = WgmmaShape<BM>;
   constexpr auto kernel = w4a16_wgmma_kernel<BM>;
   allow_dynamic_smem<kernel>(Shape::kSmem);
-  const int groups = K / kGroup, col_blocks = N / (kTiles * 8), m_blocks = (M8 + BM - 1) / BM;
-  const int splits = choose_splits<BM>(col_blocks * m_blocks, groups);
+  const int groups = K / kGroup, tiles = N / (kTiles * 8) * ((M8 + BM - 1) / BM);
   const CUtensorMap units = slab_map(packed, 512, groups, N / 8, kTiles);
   const CUtensorMap scales = slab_map(scale_zero, 64, groups, N / 16, kTiles / 2);
-  launch_kernel_clusters(kernel, dim3(col_blocks, m_blocks, splits), dim3(1, 1, splits), kThreads, Shape::kSmem, s,
-                         xp, M, M8, K, N, units, scales, y);
+  auto run = [&](int begin, int count, int splits) {
+    launch_kernel_clusters(kernel, dim3(count, 1, splits), dim3(1, 1, splits), kThreads, Shape::kSmem, s, xp, M, M8, K, N,
+                           begin, units, scales, y);
+  };
+  // Whole waves of tiles unsplit, then the remainder split as far as it stays one wave (4096 x
+  // 22016 at M = 128: 132 tiles, then 40 in two splits, instead of a second wave of 40 whole ones).
+  const int wave = active_clusters<BM>(1), whole = tiles / wave * wave, splits = choose_splits<BM>(tiles - whole, groups);
+  if (whole == 0 || whole == tiles || splits == 1) return run(0, tiles, whole == 0 ? splits : 1);
+  run(0, whole, 1);
+  run(whole, tiles - whole, splits);
 }
 
 }  // namespace
