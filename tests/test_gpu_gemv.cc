@@ -156,7 +156,8 @@ void check_outputs(const std::string& what, int M, int N, const std::vector<doub
 }  // namespace
 
 // dense_gemv (fp16 weights) and w4a16_stream (int4) into both GemvOut outputs: every row template
-// of each, one K slice and many (dense_gemv), one and two column pairs per unit (the stream).
+// of each, one K slice and many (dense_gemv), one and two column pairs per unit and one and two
+// blocks per SM (the stream).
 TEST(GpuGemvOut, PlainAndGatedMatchDouble) {
   if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
   SplitMix64 rng{99};
@@ -183,8 +184,11 @@ TEST(GpuGemvOut, PlainAndGatedMatchDouble) {
                       });
     }
   }
-  // N = 1040: odd column pairs, the stream's one-pair template at M > 8.
-  for (auto [K, N] : {std::pair{512, 1040}, std::pair{4096, 4096}}) {
+  // N = 1040: odd column pairs, the stream's one-pair template at M > 8; the widest N gives M > 8
+  // two blocks per SM (w4a16_stream's choice from 64 columns per SM).
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  for (auto [K, N] : {std::pair{512, 1040}, std::pair{4096, 4096}, std::pair{512, 32 * (2 * sms + 8)}}) {
     std::vector<float> w(size_t(K) * N);
     for (float& v : w) v = 0.05f * float(rng.symmetric());
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);
