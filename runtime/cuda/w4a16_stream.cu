@@ -23,7 +23,8 @@
 // Measured on an H200 (bench-kernels, docs/performance.md): 3 blocks of 3 stages per SM at M <= 8
 // (more warps beat deeper rings: the consumers, ~170 instructions per KB, are the limit, not the
 // bytes in flight); P = 2 at M = 9..16, where x is twice the work and sharing it across pairs
-// pays, in one block of 6 stages per SM, or two of 3 for wide layers. Dropped: releasing a stage
+// pays, in one block of 6 stages per SM, or two of 3 for wide layers; P = 6 where that makes one
+// round of units. Dropped: releasing a stage
 // as soon as the warp has its bytes in registers (a proxy fence per stage; 0-13% slower), P = 2
 // at M = 1, split-K over blocks and more mma chains (session 13, docs/performance.md).
 //
@@ -203,10 +204,15 @@ void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, 
   if (M <= 8) return variant == 1 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s)
                                   : launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, out, s);
   if (variant == 1 || N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s);
-  // Two blocks of 3 stages per SM once there are units for both (N >= 64 * SMs): 4096 x 22016
-  // 29.3 -> 23.9 us, 4096 x 12288 16.6 -> 16.1; with fewer units most SMs would run one small
-  // block (4096 x 4096: 6.7 -> 7.3 us). H200, docs/performance.md.
-  if (N / 32 >= 2 * sm_count()) return launch<2, 3, 2, 2>(x, M, K, N, packed, scale_zero, out, s);
+  // Every unit reads all of x (here up to 16 rows, more bytes than its weights), so fewer, wider
+  // units pay as long as they still fill the SMs in one round: 6 pairs a unit (2 stages, the
+  // shared memory's limit) where 2 would leave more units than SMs: 4096 x 12288 16.1 -> 13.3 us.
+  // Otherwise two blocks of 3 stages per SM once there are units for both (N >= 64 * SMs): 4096 x
+  // 22016 29.3 -> 23.9 us, 4096 x 12288 16.6 -> 16.1; with fewer units most SMs would run one
+  // small block (4096 x 4096: 6.7 -> 7.3 us). H200, docs/performance.md.
+  const int pairs = N / 16, sms = sm_count();
+  if (pairs > 2 * sms && pairs <= 6 * sms && pairs % 6 == 0) return launch<2, 2, 1, 6>(x, M, K, N, packed, scale_zero, out, s);
+  if (pairs >= 4 * sms) return launch<2, 3, 2, 2>(x, M, K, N, packed, scale_zero, out, s);
   launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, out, s);
 }
 
