@@ -24,9 +24,9 @@
 // (more warps beat deeper rings: the consumers, ~170 instructions per KB, are the limit, not the
 // bytes in flight); P = 2 at M = 9..16, where x is twice the work and sharing it across pairs
 // pays, in one block of 6 stages per SM, or two of 3 for wide layers; P = 6 where that makes one
-// round of units. Dropped: releasing a stage
-// as soon as the warp has its bytes in registers (a proxy fence per stage; 0-13% slower), P = 2
-// at M = 1, split-K over blocks and more mma chains (session 13, docs/performance.md).
+// round of units. Dropped: releasing a stage as soon as the warp has its bytes in registers (a
+// proxy fence per stage; 0-13% slower), P = 2 at M = 1, split-K over blocks and more mma chains
+// (session 13, docs/performance.md).
 //
 // Scale/zero layout (w4_pack_scale_zero): per (pair, group) 8 uint2, entry g = {half2(scale, zero)
 // of column 16p + g, half2(scale, zero) of column 16p + 8 + g}: lane (g, c) reads its two columns'
