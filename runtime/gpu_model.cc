@@ -322,10 +322,17 @@ struct ImplT final : RankModel {
   // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
   DeviceBuffer<__half> w4_scratch;
   void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, const cuda::GemvOut<T>& out,
-              int M, int K, int N) {
+              int M, int K, int N, bool x_staged = false) {
     if (!W4) return gemm(X, W.get(), out, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_scratch, stream);
+    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_scratch, stream, W4Linear::Path::kAuto, x_staged);
     else fail("int4 workspaces run with fp16 activations");
+  }
+  // Whether the kernel that computes the input of this int4 linear at M rows writes it in the
+  // wgmma GEMM's order (cuda/staged_x.cuh), sparing the GEMM its staging kernel. TMKIT_STAGED_X=0
+  // leaves that to the staging kernel, for comparison.
+  const bool staged_x_on = cuda::switch_on("TMKIT_STAGED_X");
+  bool stages_for(const W4Linear* W4, int M) const {
+    return std::is_same_v<T, __half> && staged_x_on && W4 && W4->takes_staged(M);
   }
   // Whether the kernel of this linear at M rows writes the gated activation (GemvOut::act; decode
   // steps). TMKIT_GATED_GEMV=0 runs SiLU as a kernel of its own, for comparison.
@@ -335,22 +342,28 @@ struct ImplT final : RankModel {
     return W4 ? W4->streams(M) : takes_dense_gemv(M, N) && N % 16 == 0;
   }
 
-  // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for the next linear.
-  void residual_linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M, int K, int N,
-                       const T* bias, const T* norm_w, float eps) {
-    linear(X, W, W4, delta.get(), M, K, N);
+  // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for `next`, the
+  // linear that reads h (null: the output head). Returns whether h is staged for it.
+  bool residual_linear(const T* X, bool x_staged, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M,
+                       int K, int N, const T* bias, const T* norm_w, float eps, const W4Linear* next) {
+    linear(X, W, W4, delta.get(), M, K, N, x_staged);
     all_reduce(delta.get(), size_t(M) * N);
-    cuda::add_rmsnorm<T>(x.get(), delta.get(), bias, norm_w, eps, M, N, h.get(), stream);
+    const bool staged = stages_for(next, M);
+    cuda::add_rmsnorm<T>(x.get(), delta.get(), bias, norm_w, eps, M, N, h.get(), stream, staged);
+    return staged;
   }
-  // act = SiLU(h W1) * (h W3), in the GEMV where it can.
-  void gated_linear(const Layer& l, int M, int K, int I) {
+  // act = SiLU(h W1) * (h W3), in the GEMV where it can. Returns whether act is staged for w2.
+  bool gated_linear(const Layer& l, int M, int K, int I, bool h_staged) {
     if (l.gate_up_interleaved && gemv_writes_act(l.w13_4, M, 2 * I)) {
       cuda::GemvOut<T> out;
       out.act = act.get();
-      return linear(h.get(), l.w13, l.w13_4, out, M, K, 2 * I);
+      linear(h.get(), l.w13, l.w13_4, out, M, K, 2 * I, h_staged);
+      return false;
     }
-    linear(h.get(), l.w13, l.w13_4, gu.get(), M, K, 2 * I);
-    cuda::silu_mul<T>(gu.get(), M, I, l.gate_up_interleaved, act.get(), stream);
+    linear(h.get(), l.w13, l.w13_4, gu.get(), M, K, 2 * I, h_staged);
+    const bool staged = stages_for(l.w2_4.get(), M);
+    cuda::silu_mul<T>(gu.get(), M, I, l.gate_up_interleaved, act.get(), stream, staged);
+    return staged;
   }
 
   // Buffers for `rows` token rows (`logit_rows` of logits) and the RoPE table for sequences of
@@ -373,9 +386,9 @@ struct ImplT final : RankModel {
     moved |= gu.resize(n * 2 * inter);
     moved |= logits_d.resize(size_t(logit_rows) * V);
     moved |= nll.resize(n);
-    moved |= h.resize(n * hid);
-    moved |= attn.resize(n * H * D);
-    moved |= act.resize(n * inter);
+    moved |= h.resize(cuda::staged_rows(rows) * hid);  // staged (stages_for) in whole blocks of 8 rows
+    moved |= attn.resize(cuda::staged_rows(rows) * H * D);
+    moved |= act.resize(cuda::staged_rows(rows) * inter);
     if (moved) drop_graph();  // the graph holds the old addresses
     const RopeTable rt = rope_table(cfg.rope(), cfg.rotary_embedding, cfg.max_position_embeddings, seq_len);
     inv_freq.resize(rt.inv_freq.size());
@@ -476,12 +489,13 @@ struct ImplT final : RankModel {
     cuda::embedding<T>(ids_d.get(), rows, embed.get(), hid, x.get(), s);
     // Each layer leaves h = the next norm of the residual stream x: the next layer's attn_norm, or
     // after the last layer the final norm.
+    bool h_staged = !layers.empty() && stages_for(layers[0].qkv4.get(), rows);
     cuda::add_rmsnorm<T>(x.get(), nullptr, nullptr, layers.empty() ? norm.get() : layers[0].attn_norm.get(), eps, rows,
-                         hid, h.get(), s);
+                         hid, h.get(), s, h_staged);
     for (size_t li = 0; li < layers.size(); ++li) {
       Layer& l = layers[li];
       const int I = int(cfg.inter_size[li]);
-      linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w);
+      linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w, h_staged);
       float* stats = collect_kv_stats ? kv_stats_d.get() + li * 9 * size_t(KV * D) : nullptr;
       if (stats) cuda::kv_stats<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D, true, stats, s);
       if (collect_kv_hist)
@@ -498,23 +512,26 @@ struct ImplT final : RankModel {
         cuda::bias_rope<T>(qkv.get(), bias, inv_freq.get(), rope_scaling, B, T_, H, KV, D, rot, pos0, pos_dev, s,
                            static_kv, kv_bits(kv));
       if (stats) cuda::kv_stats<T>(qkv.get(), static_cast<const T*>(nullptr), rows, H, KV, D, false, stats, s);
-      if (use_cache) {
-        if (T_ <= cuda::kDecodeMaxTokens)
-          cuda::attention_decode<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale,
-                                    decode_scratch.get(), attn.get(), s);
-        else
-          cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale, attn.get(), s);
-      } else {  // the same values as the cache would give back, in place
+      // The decode kernel writes attn row-major; the prefill one staged where wo takes it.
+      const bool decode = use_cache && T_ <= cuda::kDecodeMaxTokens, attn_staged = !decode && stages_for(l.wo4.get(), rows);
+      if (decode)
+        cuda::attention_decode<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale,
+                                  decode_scratch.get(), attn.get(), s);
+      else if (use_cache)
+        cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale, attn.get(), s,
+                                   attn_staged);
+      else {  // the same values as the cache would give back, in place
         if (!static_kv) cuda::kv_fake_quant(qkv.get(), rows, H, KV, D, kv_bits(kv), s);  // else done in bias_rope
         cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), qkv.get() + size_t(H) * D, qkv.get() + size_t(H + KV) * D,
-                                   size_t(qkv_w), B, T_, H, KV, D, scale, attn.get(), s);
+                                   size_t(qkv_w), B, T_, H, KV, D, scale, attn.get(), s, attn_staged);
       }
       // The wo bias is added after the all-reduce, on every rank.
-      residual_linear(attn.get(), l.wo, l.wo4, rows, H * D, hid, l.bo.size() ? l.bo.get() : nullptr,
-                      l.ffn_norm.get(), eps);
-      gated_linear(l, rows, hid, I);
-      residual_linear(act.get(), l.w2, l.w2_4, rows, I, hid, nullptr,
-                      li + 1 < layers.size() ? layers[li + 1].attn_norm.get() : norm.get(), eps);
+      h_staged = residual_linear(attn.get(), attn_staged, l.wo, l.wo4, rows, H * D, hid, l.bo.size() ? l.bo.get() : nullptr,
+                                 l.ffn_norm.get(), eps, l.w13_4.get());
+      const bool act_staged = gated_linear(l, rows, hid, I, h_staged);
+      const bool last = li + 1 == layers.size();
+      h_staged = residual_linear(act.get(), act_staged, l.w2, l.w2_4, rows, I, hid, nullptr,
+                                 last ? norm.get() : layers[li + 1].attn_norm.get(), eps, last ? nullptr : layers[li + 1].qkv4.get());
     }
     if (rank > 0) return;  // the ranks' residual streams are equal: rank 0 alone runs the head
     if (!nll_only) {

@@ -42,22 +42,26 @@ W4Linear::W4Linear(const Int4Linear& w) : K(int(w.K)), N(int(w.N)), fused_(integ
 size_t W4Linear::scratch_for(Path p, int M) const {
   switch (p) {
     case Path::kDense: return size_t(K) * size_t(N);
-    case Path::kWgmma: return cuda::w4a16_wgmma_scratch_halves(M, K);
+    case Path::kWgmma: return cuda::staged_rows(M) * size_t(K);
     default: return 0;
   }
 }
 
 void W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
-                   cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path) const {
+                   cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path, bool x_staged) const {
+  const Path p = choose(M, path);
+  if (x_staged && p != Path::kWgmma)
+    fail("internal: int4 linear [{}, {}] given staged x for {} rows, which do not take the wgmma GEMM", K, N, M);
   if (streams(M, path)) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), out, st);
   if (out.act) fail("int4 linear [{}, {}]: {} rows take a kernel that writes no activation", K, N, M);
   float* y = out.y;
-  const Path p = choose(M, path);
-  scratch.resize(scratch_for(p, M));
+  if (!x_staged) scratch.resize(scratch_for(p, M));
   switch (p) {
     case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
     case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
-    case Path::kWgmma: return cuda::w4a16_wgmma(x, M, K, N, packed_.get(), scale_zero_.get(), y, scratch.get(), st);
+    case Path::kWgmma:
+      if (!x_staged) cuda::w4_stage_x(x, M, K, scratch.get(), st);
+      return cuda::w4a16_wgmma(x_staged ? x : scratch.get(), M, K, N, packed_.get(), scale_zero_.get(), y, st);
     default: break;
   }
   cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, scratch.get(), st);

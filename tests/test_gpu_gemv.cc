@@ -8,12 +8,14 @@
 #include <cstring>
 
 #include "cuda/kernels.h"
+#include "device_copy.h"
 #include "gpu_model.h"
 #include "rtn.h"
 #include "splitmix64.h"
 #include "w4a16_linear.h"
 
 using namespace tmkit;
+using test::to_device, test::to_host;
 using cuda::DeviceBuffer;
 
 // The fp16 decode GEMV (dense_gemv.cu) against the product in double, for every row template, K
@@ -81,18 +83,6 @@ TEST(GpuDenseGemv, MatchesDoubleAndRepeatsBitForBit) {
 
 namespace {
 
-template <typename V>
-DeviceBuffer<V> to_device(const std::vector<V>& host) {
-  DeviceBuffer<V> d(host.size());
-  EXPECT_EQ(cudaMemcpy(d.get(), host.data(), host.size() * sizeof(V), cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-template <typename V>
-std::vector<V> to_host(const DeviceBuffer<V>& d, size_t n) {
-  std::vector<V> host(n);
-  EXPECT_EQ(cudaMemcpy(host.data(), d.get(), n * sizeof(V), cudaMemcpyDeviceToHost), cudaSuccess);
-  return host;
-}
 double rel_l2(const std::vector<double>& ref, const std::vector<float>& got) {
   double num = 0, den = 0;
   for (size_t i = 0; i < ref.size(); ++i) {

@@ -19,14 +19,17 @@
 //     registers rounded to T: the C layout of S is the A layout P needs (mma.cuh), and V's B
 //     fragments come from ldmatrix.trans of the row-major tile.
 // A warp skips key tiles entirely after its last row. Rows past T compute on zero queries and are
-// not stored. Output [B T, H D] in T: row b T + t, head h at h D. Queries: row b T + t of q,
-// stride q_stride. Rounding: Q, K, V and P to T, sums in fp32 (as flash attention in fp16).
+// not stored. Output [B T, H D] in T: row b T + t, head h at h D, row-major or (staged_m8 > 0)
+// staged for the int4 wo (staged_x.cuh: each lane's pairs stay 4-byte stores). Queries: row
+// b T + t of q, stride q_stride. Rounding: Q, K, V and P to T, sums in fp32 (as flash attention
+// in fp16).
 #include <tuple>
 #include <type_traits>
 
 #include "kernels.h"
 #include "kv_cache.cuh"
 #include "mma.cuh"
+#include "staged_x.cuh"
 
 namespace tmkit::cuda {
 
@@ -44,7 +47,7 @@ constexpr int kSmemBytes = (kAsyncTiles<T, Kv> ? 2 : 1) * 2 * kBK * (D + 8) * in
 template <typename T, int D, typename Kv>
 __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const float* q, size_t q_stride, Kv kv, int T_,
                                                                        int pos0, const int* pos_dev, int H, int KV,
-                                                                       float scale, T* out) {
+                                                                       float scale, int staged_m8, T* out) {
   pdl_begin();
   if (pos_dev) pos0 = *pos_dev;  // decode steps replayed from a CUDA graph read the position here
   constexpr bool kAsync = kAsyncTiles<T, Kv>;
@@ -57,7 +60,6 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
   const int h = blockIdx.y, kvh = h / (H / KV), seq = blockIdx.z, q0 = (gridDim.x - 1 - blockIdx.x) * kBQ;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
   q += size_t(seq) * T_ * q_stride + size_t(h) * D;
-  out += size_t(seq) * T_ * H * D + size_t(h) * D;
 
   const int r0 = q0 + 16 * warp;  // the warp's first row; lane rows r0 + g and r0 + g + 8
   const float qscale = scale * 1.4426950408889634f;
@@ -183,20 +185,24 @@ __global__ void __launch_bounds__(kWarps * 32) attention_prefill_kernel(const fl
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     if (row >= T_) continue;
     const float inv = 1.0f / sum;
-    T* o_row = out + size_t(row) * H * D + 2 * c;
+    const int out_row = seq * T_ + row, ch = h * D + 2 * c;
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      *reinterpret_cast<uint32_t*>(o_row + 8 * dt) = pack_pair<T>(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
+    for (int dt = 0; dt < DT; ++dt) {
+      T* at = out + (staged_m8 ? staged_element(out_row, ch + 8 * dt, staged_m8) : size_t(out_row) * H * D + ch + 8 * dt);
+      *reinterpret_cast<uint32_t*>(at) = pack_pair<T>(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
+    }
   }
 }
 
 template <typename T, typename Kv>
 void launch(const float* q, size_t q_stride, const Kv& kv, int B, int T_, int pos0, const int* pos_dev, int H, int KV,
-            int D, float scale, T* out, cudaStream_t s) {
+            int D, float scale, T* out, cudaStream_t s, bool staged) {
   if (B < 1 || T_ < 1) return;
   if (B > 65535) fail("attention: batch {} is more than 65535 sequences", B);
+  if (staged && H * D % 128) fail("attention: {} heads x {} cannot be staged for the wgmma GEMM (a multiple of 128)", H, D);
   const dim3 grid((T_ + kBQ - 1) / kBQ, H, B);
-  const auto args = std::make_tuple(q, q_stride, kv, T_, pos0, pos_dev, H, KV, scale, out);
+  const int staged_m8 = staged ? int(staged_rows(B * T_)) : 0;
+  const auto args = std::make_tuple(q, q_stride, kv, T_, pos0, pos_dev, H, KV, scale, staged_m8, out);
   auto run = [&](auto d) {
     constexpr int kD = decltype(d)::value;
     constexpr auto kernel = attention_prefill_kernel<T, kD, Kv>;
@@ -215,27 +221,27 @@ void launch(const float* q, size_t q_stride, const Kv& kv, int B, int T_, int po
 
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int B, int T_,
-                       int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+                       int H, int KV, int D, float scale, T* out, cudaStream_t s, bool staged) {
   const QkvRowsReader kv{k, v, kv_stride, T_, D};
-  launch(q, q_stride, kv, B, T_, 0, nullptr, H, KV, D, scale, out, s);
+  launch(q, q_stride, kv, B, T_, 0, nullptr, H, KV, D, scale, out, s, staged);
 }
 
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0,
-                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s) {
+                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s, bool staged) {
   switch (cache.bits) {
-    case 16: launch(q, q_stride, CacheReader<16>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
-    case 8: launch(q, q_stride, CacheReader<8>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
-    case 4: launch(q, q_stride, CacheReader<4>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s); break;
+    case 16: launch(q, q_stride, CacheReader<16>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s, staged); break;
+    case 8: launch(q, q_stride, CacheReader<8>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s, staged); break;
+    case 4: launch(q, q_stride, CacheReader<4>{cache}, B, T_, pos0, pos_dev, H, KV, D, scale, out, s, staged); break;
     default: fail("attention: {} bits per KV value is not a cache format (16, 8, 4)", cache.bits);
   }
 }
 
 #define TMKIT_INSTANTIATE(T)                                                                                       \
   template void attention_prefill<T>(const float*, size_t, const float*, const float*, size_t, int, int, int, int, int, \
-                                     float, T*, cudaStream_t);                                                      \
+                                     float, T*, cudaStream_t, bool);                                                \
   template void attention_prefill<T>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int, int,  \
-                                     float, T*, cudaStream_t);
+                                     float, T*, cudaStream_t, bool);
 TMKIT_INSTANTIATE(__half)
 TMKIT_INSTANTIATE(__nv_bfloat16)
 #undef TMKIT_INSTANTIATE

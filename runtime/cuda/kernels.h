@@ -7,6 +7,7 @@
 
 #include "cuda_utils.h"
 #include "kv_cache.h"
+#include "staged_x.cuh"
 
 namespace tmkit::cuda {
 
@@ -15,9 +16,11 @@ template <typename T>
 void embedding(const int32_t* ids, int T_, const T* table, int hidden, float* x, cudaStream_t s);
 
 // x += delta (+ bias) when delta is given; then y = x / rms(x) * w (in T). One row per block.
+// `staged`: y in the order of the wgmma GEMM's input (staged_x.cuh; hidden % 128 == 0, y holds
+// staged_rows(T_) rows), for an int4 linear that takes it (W4Linear::takes_staged).
 template <typename T>
 void add_rmsnorm(float* x, const float* delta, const T* bias, const T* w, float eps, int T_, int hidden, T* y,
-                 cudaStream_t s);
+                 cudaStream_t s, bool staged = false);
 
 // qkv [B T, (H + 2KV) * D] in fp32 (B sequences of T tokens): adds the bias (if any) to q, k and v,
 // then rotates the first `rot` channels of every q and k head in adjacent pairs (2j, 2j+1) by
@@ -50,9 +53,9 @@ void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStrea
 
 // out[t, c] = silu(gate c) * (up c) for the rows of gu [T, 2I]: gu = [gate | up], or, with
 // `interleaved`, blocks of 8 gate columns each followed by the same 8 up columns
-// (interleave_gate_up in gpu_model.cc: the order GemvOut::act reads).
+// (interleave_gate_up in gpu_model.cc: the order GemvOut::act reads). `staged`: as add_rmsnorm's.
 template <typename T>
-void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStream_t s);
+void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStream_t s, bool staged = false);
 
 // Where a decode GEMV (dense_gemv, w4a16_stream) puts its fp32 sums S[M, N] = x W: in y, or, for
 // the gate/up linear, as act[M, N / 2] = silu(gate) * up in T, W's columns being
@@ -72,15 +75,17 @@ using NoDeduce = typename std::enable_if<true, T>::type;
 // Causal GQA attention of B sequences of T queries into out [B T, H D] (row b T + t); never
 // materializes the [T, T] scores (attention_prefill.cu). Queries: fp32 rows b T + t of q (stride
 // q_stride, head h at h D), after bias and RoPE.
+// `staged`: out in the order of the wgmma GEMM's input, as add_rmsnorm's (H D % 128 == 0).
 // Over the forward's own keys (positions 0 .. T - 1): k/v rows b T + t of stride kv_stride.
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const float* k, const float* v, size_t kv_stride, int B, int T_,
-                       int H, int KV, int D, float scale, T* out, cudaStream_t s);
+                       int H, int KV, int D, float scale, T* out, cudaStream_t s, bool staged = false);
 // Over the KV cache (queries at positions pos0 .. pos0 + T - 1, keys 0 .. pos0 + T - 1, already
 // appended); pos0 from pos_dev when given.
 template <typename T>
 void attention_prefill(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0,
-                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s);
+                       const int* pos_dev, int H, int KV, int D, float scale, T* out, cudaStream_t s,
+                       bool staged = false);
 
 // W4A16 on tensor cores: y[M, N] (fp32) = x[M, K] (fp16) * W, W packed by w4_pack (layout:
 // w4a16_common.cuh) with fp16 scales and integer zeros [K/128, N]; K % 128 == 0, N % 8 == 0.
@@ -96,10 +101,11 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
 void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
                   const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's
-// order; `scratch` holds x reordered for the tensor cores (w4a16_wgmma_scratch_halves).
-size_t w4a16_wgmma_scratch_halves(int M, int K);
-void w4a16_wgmma(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
-                 __half* scratch, cudaStream_t s);
+// order, x staged (staged_x.cuh: staged_rows(M) * K halves), by w4_stage_x or by the kernel that
+// computed it.
+void w4_stage_x(const __half* x, int M, int K, __half* staged, cudaStream_t s);
+void w4a16_wgmma(const __half* staged, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                 cudaStream_t s);
 // TurboMind v0.6 qweight [K, N/8] -> the packed layout (K * N / 8 words).
 void w4_pack(const uint32_t* qweight, int K, int N, uint32_t* packed, cudaStream_t s);
 // scales and zeros [K/128, N] -> w4a16_stream's order (K / 128 * N words); N % 16 == 0.

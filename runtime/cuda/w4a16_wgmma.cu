@@ -13,9 +13,10 @@
 // dequantized values, as in w4a16_gemm.cu).
 // B must then follow the packing's k order: virtual k-tile t of a group holds, at positions 2c,
 // 2c + 1 and 2c + 8, 2c + 9, the physical rows 32c + 4t + 0, 1 and 32c + 4t + 2, 3 — a
-// permutation at 4-byte granularity that no copy engine does, so w4_stage_x first writes X in
-// that order, already cut into wgmma's core matrices (8 rows x 8 k, 128 bytes):
-//   xp[group][row / 8][t][h][row % 8][8 halves]   (h = 0: virtual k 0..7, h = 1: k 8..15)
+// permutation at 4-byte granularity that no copy engine does, so X arrives in that order, already
+// cut into wgmma's core matrices (8 rows x 8 k, 128 bytes): "staged" (staged_x.cuh),
+//   xp[group][row / 8][t][h][row % 8][8 halves]   (h = 0: virtual k 0..7, h = 1: k 8..15),
+// written by w4_stage_x below or by the kernel that computed X (add_rmsnorm, silu_mul).
 // One group of BM rows is then one contiguous range: the producer's single bulk copy per stage,
 // and the descriptor of k-tile t is (stage + 256 t, lbo 128, sbo 2048).
 //
@@ -299,16 +300,20 @@ void launch(const uint4* xp, int M, int M8, int K, int N, const uint32_t* packed
 
 }  // namespace
 
-size_t w4a16_wgmma_scratch_halves(int M, int K) { return size_t((M + 7) / 8 * 8) * size_t(K); }
+void w4_stage_x(const __half* x, int M, int K, __half* staged, cudaStream_t s) {
+  if (M < 1 || K % kGroup) fail("w4_stage_x: unsupported shape M={} K={} (K % 128)", M, K);
+  const int M8 = int(staged_rows(M));
+  const size_t threads = size_t(M8) * K / 32;
+  launch_kernel(w4_stage_x_kernel, dim3(unsigned((threads + 255) / 256)), dim3(256), 0, s, x, M, M8, K,
+                reinterpret_cast<uint4*>(staged));
+}
 
-void w4a16_wgmma(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
-                 __half* scratch, cudaStream_t s) {
+void w4a16_wgmma(const __half* staged, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero, float* y,
+                 cudaStream_t s) {
   if (M < 1 || K % kGroup || N % 128)
     fail("w4a16_wgmma: unsupported shape M={} K={} N={} (K % 128, N % 128)", M, K, N);
-  const int M8 = (M + 7) / 8 * 8;
-  uint4* xp = reinterpret_cast<uint4*>(scratch);
-  const size_t threads = size_t(M8) * K / 32;
-  launch_kernel(w4_stage_x_kernel, dim3(unsigned((threads + 255) / 256)), dim3(256), 0, s, x, M, M8, K, xp);
+  const int M8 = int(staged_rows(M));
+  const uint4* xp = reinterpret_cast<const uint4*>(staged);
   // Measured and dropped (H200, docs/performance.md): BM = 256 (ptxas serialized its wgmma for
   // want of registers) and 256 columns per block (two m64 tiles per warpgroup, a producer
   // warpgroup and setmaxnreg: it spilled at ptxas's 168-register cap and ran 15-25% slower).
