@@ -16,7 +16,8 @@
 // permutation at 4-byte granularity that no copy engine does, so X arrives in that order, already
 // cut into wgmma's core matrices (8 rows x 8 k, 128 bytes): "staged" (staged_x.cuh),
 //   xp[group][row / 8][t][h][row % 8][8 halves]   (h = 0: virtual k 0..7, h = 1: k 8..15),
-// written by w4_stage_x below or by the kernel that computed X (add_rmsnorm, silu_mul).
+// written by w4_stage_x below or by the kernel that computed X (add_rmsnorm, silu_mul,
+// attention_prefill).
 // One group of BM rows is then one contiguous range: the producer's single bulk copy per stage,
 // and the descriptor of k-tile t is (stage + 256 t, lbo 128, sbo 2048).
 //
