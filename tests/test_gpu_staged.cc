@@ -1,6 +1,7 @@
 // The kernels that write the wgmma GEMM's input in its staged order (runtime/cuda/staged_x.cuh):
-// add_rmsnorm, silu_mul and attention_prefill with `staged` must leave, in every row that exists, what their
-// row-major output reordered by w4_stage_x holds (ctest label `gpu`; skips without a CUDA device).
+// add_rmsnorm, silu_mul and attention_prefill with `staged` must leave, in every row that exists,
+// what their row-major output reordered by w4_stage_x holds (ctest label `gpu`; skips without a
+// CUDA device).
 // Rows past M up to the next multiple of 8 are left out: the GEMM never stores their outputs.
 #include <gtest/gtest.h>
 
@@ -21,7 +22,6 @@ using test::to_device, test::to_host;
 using cuda::DeviceBuffer;
 
 namespace {
-
 
 // fp16 bits as an integer that orders like the value (adjacent values differ by 1).
 int ordered(__half h) {
