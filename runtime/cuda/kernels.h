@@ -53,7 +53,7 @@ void kv_fake_quant(float* qkv, int T_, int H, int KV, int D, int bits, cudaStrea
 
 // out[t, c] = silu(gate c) * (up c) for the rows of gu [T, 2I]: gu = [gate | up], or, with
 // `interleaved`, blocks of 8 gate columns each followed by the same 8 up columns
-// (interleave_gate_up in gpu_model.cc: the order GemvOut::act reads). `staged`: as add_rmsnorm's.
+// (interleave_gate_up in gpu_rank.cc: the order GemvOut::act reads). `staged`: as add_rmsnorm's.
 template <typename T>
 void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStream_t s, bool staged = false);
 
