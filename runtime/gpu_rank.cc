@@ -237,6 +237,9 @@ struct ImplT final : RankModel {
     return W4 ? W4->streams(M) : takes_dense_gemv(M, N) && N % 16 == 0;
   }
 
+  // Decode attention rotates and appends the new tokens itself (attention_decode's QkvRope);
+  // TMKIT_ROPE_IN_ATTENTION=0 runs rope_append before it, for comparison.
+  const bool rope_in_attention_on = cuda::switch_on("TMKIT_ROPE_IN_ATTENTION");
   // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for `next`, the
   // linear that reads h (null: the output head). Returns whether h is staged for it.
   bool residual_linear(const T* X, bool x_staged, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M,
@@ -401,17 +404,21 @@ struct ImplT final : RankModel {
       const T* bias = l.bqkv.size() ? l.bqkv.get() : nullptr;
       const int rot = int(cfg.rotary_embedding);
       const cuda::KvLayer c = use_cache ? cache.layer(int(li)) : cuda::KvLayer{};
-      if (use_cache)  // K and V enter the cache in its format; attention reads them back from there
-        cuda::rope_append<T>(qkv.get(), {bias, inv_freq.get(), rope_scaling, rot}, B, T_, H, c, pos0, pos_dev, s);
-      else
+      const cuda::QkvRope<T> rope{bias, inv_freq.get(), rope_scaling, rot};
+      // The decode kernel rotates and appends itself (TMKIT_ROPE_IN_ATTENTION=0: rope_append does).
+      const bool decode = use_cache && T_ <= cuda::kDecodeMaxTokens;
+      const bool rope_in_attention = decode && rope_in_attention_on && rope.inv_freq;  // else rope_append says why not
+      if (use_cache && !rope_in_attention)  // K and V enter the cache in its format; attention reads them from there
+        cuda::rope_append<T>(qkv.get(), rope, B, T_, H, c, pos0, pos_dev, s);
+      else if (!use_cache)
         cuda::bias_rope<T>(qkv.get(), bias, inv_freq.get(), rope_scaling, B, T_, H, KV, D, rot, pos0, pos_dev, s,
                            static_kv, kv_bits(kv));
       if (stats) cuda::kv_stats<T>(qkv.get(), static_cast<const T*>(nullptr), rows, H, KV, D, false, stats, s);
       // The decode kernel writes attn row-major; the prefill one staged where wo takes it.
-      const bool decode = use_cache && T_ <= cuda::kDecodeMaxTokens, attn_staged = !decode && stages_for(l.wo4.get(), rows);
+      const bool attn_staged = !decode && stages_for(l.wo4.get(), rows);
       if (decode)
         cuda::attention_decode<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale,
-                                  decode_scratch.get(), attn.get(), s);
+                                  decode_scratch.get(), attn.get(), s, rope_in_attention ? rope : cuda::QkvRope<T>{});
       else if (use_cache)
         cuda::attention_prefill<T>(qkv.get(), size_t(qkv_w), c, B, T_, pos0, pos_dev, H, KV, D, scale, attn.get(), s,
                                    attn_staged);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda/kernels.h"
+#include "device_copy.h"
 #include "dtype.h"
 #include "gpu_model.h"
 #include "kv_quant.h"
@@ -203,4 +204,93 @@ TEST(GpuAttentionPrefill, OverTheCacheMatchesDouble) {
         EXPECT_LE(e, 1e-3) << k.name();
       }
   std::printf("prefill attention over the cache vs double: worst rel-L2 %.2e\n", worst);
+}
+
+namespace {
+
+size_t cache_rows(const cuda::KvLayer& l, int B) { return size_t(B) * l.kv_heads * l.capacity; }
+void clear_cache(const cuda::KvLayer& l, int B) {
+  const size_t rows = cache_rows(l, B);
+  cudaMemset(l.k, 0, rows * l.row_bytes());
+  cudaMemset(l.v, 0, rows * l.row_bytes());
+  if (l.bits < 16) {
+    cudaMemset(l.k_param, 0, rows * sizeof(__half2));
+    cudaMemset(l.v_param, 0, rows * sizeof(__half2));
+  }
+}
+// A layer's cache as bytes on the host: K and V values, then their params (int8 / int4).
+std::vector<uint8_t> cache_bytes(const cuda::KvLayer& l, int B) {
+  const size_t rows = cache_rows(l, B), values = rows * l.row_bytes();
+  const size_t params = l.bits < 16 ? rows * sizeof(__half2) : 0;
+  std::vector<uint8_t> out(2 * (values + params));
+  cudaMemcpy(out.data(), l.k, values, cudaMemcpyDeviceToHost);
+  cudaMemcpy(out.data() + values, l.v, values, cudaMemcpyDeviceToHost);
+  if (params) {
+    cudaMemcpy(out.data() + 2 * values, l.k_param, params, cudaMemcpyDeviceToHost);
+    cudaMemcpy(out.data() + 2 * values + params, l.v_param, params, cudaMemcpyDeviceToHost);
+  }
+  return out;
+}
+
+}  // namespace
+
+// The decode kernel doing rope_append's work itself (a QkvRope given: bias, rotation of q, the new
+// tokens' K and V into the cache) gives the bits of rope_append followed by the plain kernel: the
+// same output and the same cache bytes, for every cache format and head_dim, with and without
+// bias, whole and partial rotary, an attention scaling, T = 1 .. 4 (new tokens on both sides of a
+// chunk boundary), positions from device memory, and more query rows than one block takes (there
+// the host runs rope_append first).
+TEST(GpuAttention, RopeInTheDecodeKernelEqualsRopeAppend) {
+  if (!GpuModel::available()) GTEST_SKIP() << "no CUDA device";
+  struct Shape { int H, KV, T, P, capacity; };
+  // In the kernel: T = 1 .. 4 (T = 4: two items a warp), new tokens across a 64-key chunk
+  // boundary; by rope_append first: more than 8 query rows per kv head.
+  const Shape shapes[] = {{4, 4, 1, 0, 8},     {4, 2, 1, 300, 301}, {4, 2, 2, 63, 200}, {2, 2, 4, 62, 200},
+                          {4, 2, 3, 63, 200}, {6, 2, 4, 126, 134}, {16, 1, 1, 77, 100}};
+  const int B = 2;
+  SplitMix64 rng{2024};
+  for (int D : {32, 64, 128})
+    for (KvMode mode : {KvMode::kFp16, KvMode::kInt8, KvMode::kInt4})
+      for (const Shape& sh : shapes)
+        for (int variant = 0; variant < 2; ++variant) {  // 0: bias, whole rotary; 1: no bias, half the channels
+          const int width = (sh.H + 2 * sh.KV) * D, rot = variant ? D / 2 : D, bits = mode == KvMode::kFp16 ? 16 : int(mode);
+          const std::string what = fmt::format("D={} {} H={} KV={} T={} P={} {}", D, kv_mode_name(mode), sh.H, sh.KV, sh.T,
+                                               sh.P, variant ? "no bias, half rotary" : "bias");
+          std::vector<float> prev(size_t(B) * sh.P * width + 1), fresh(size_t(B) * sh.T * width), inv_freq(size_t(rot / 2));
+          for (float& v : prev) v = float(rng.symmetric()) * 2.0f;
+          for (float& v : fresh) v = float(rng.symmetric()) * 2.0f;
+          for (int j = 0; j < rot / 2; ++j) inv_freq[size_t(j)] = std::pow(10000.0f, -2.0f * float(j) / float(rot));
+          std::vector<uint16_t> bias(static_cast<size_t>(width));
+          for (auto& b : bias) b = float_to_half(0.2f * float(rng.symmetric()));
+          const DeviceBuffer<float> prev_d = test::to_device(prev), freq_d = test::to_device(inv_freq);
+          const DeviceBuffer<uint16_t> bias_d = test::to_device(bias);
+          const cuda::QkvRope<__half> rope{variant ? nullptr : reinterpret_cast<const __half*>(bias_d.get()), freq_d.get(),
+                                           1.1f, rot};
+          const float scale = 1.0f / std::sqrt(float(D));
+          DeviceBuffer<int> pos_d = test::to_device(std::vector<int>{sh.P});
+          // Three caches with the same P tokens: rope_append + plain kernel, rope in the kernel, and
+          // rope in the kernel with the position from device memory.
+          cuda::KvCache caches[3];
+          std::vector<float> outs[3];
+          for (int run = 0; run < 3; ++run) {
+            caches[run].allocate(bits, 1, B, sh.KV, D, sh.capacity);
+            const cuda::KvLayer l = caches[run].layer(0);
+            clear_cache(l, B);  // rows no run writes must compare equal too
+            if (sh.P) cuda::kv_append(prev_d.get(), B, sh.P, sh.H, l, 0, nullptr, nullptr);
+            DeviceBuffer<float> qkv = test::to_device(fresh), scratch(cuda::attention_decode_scratch_floats(B, sh.T, sh.H, D, sh.capacity));
+            cudaMemset(scratch.get(), 0, scratch.size() * 4);
+            DeviceBuffer<__half> out(size_t(B) * sh.T * sh.H * D);
+            if (run == 0) cuda::rope_append(qkv.get(), rope, B, sh.T, sh.H, l, sh.P, nullptr, nullptr);
+            cuda::attention_decode<__half>(qkv.get(), width, l, B, sh.T, run == 2 ? 0 : sh.P, run == 2 ? pos_d.get() : nullptr,
+                                           sh.H, sh.KV, D, scale, scratch.get(), out.get(), nullptr,
+                                           run == 0 ? cuda::QkvRope<__half>{} : rope);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+            outs[run] = host_floats(out);
+          }
+          const std::vector<uint8_t> want = cache_bytes(caches[0].layer(0), B);
+          for (int run = 1; run < 3; ++run) {
+            EXPECT_TRUE(outs[run] == outs[0]) << what << (run == 2 ? ", position from device memory" : "");
+            EXPECT_TRUE(cache_bytes(caches[run].layer(0), B) == want) << what << ": cache bytes";
+          }
+        }
 }

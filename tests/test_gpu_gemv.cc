@@ -176,11 +176,12 @@ TEST(GpuGemvOut, PlainAndGatedMatchDouble) {
   }
   // N = 1040: odd column pairs, the stream's one-pair template at M > 8; 32 (2 SMs + 8) columns
   // give M > 8 two blocks per SM (w4a16_stream's choice from 64 columns per SM), 96 (SMs - 4)
-  // columns one round of SMs - 4 units of 6 pairs.
+  // columns one round of SMs - 4 units of 6 pairs; K = 8320 (65 groups, the last chunk short) the
+  // 16-consumer-warp blocks of long units.
   int sms = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   for (auto [K, N] : {std::pair{512, 1040}, std::pair{4096, 4096}, std::pair{512, 32 * (2 * sms + 8)},
-                      std::pair{512, 96 * (sms - 4)}}) {
+                      std::pair{512, 96 * (sms - 4)}, std::pair{8320, 1024}}) {
     std::vector<float> w(size_t(K) * N);
     for (float& v : w) v = 0.05f * float(rng.symmetric());
     const Int4Linear q = quantize_rtn(w.data(), K, N, 128);

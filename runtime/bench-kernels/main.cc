@@ -118,11 +118,22 @@ int main(int argc, char** argv) {
   int reps = 50;
   std::vector<int> ms = {1, 4, 16, 32, 128, 512};
   int gemm_rows = 512;
+  std::vector<std::string> only;  // --shape KxN
   CLI::App app{"bench-kernels: W4A16 GEMV/GEMM vs copy bandwidth and cuBLAS fp16 (Llama-2-7B shapes)"};
   app.add_option("-r,--reps", reps, "timed repetitions per case (median reported)");
   app.add_option("-m,--batch", ms, "rows of the activation matrix");
   app.add_option("--gemm-rows", gemm_rows, "rows of the dense fp16 GEMM ceiling (prefill: the prompt length)");
+  app.add_option("--shape", only, "only these W4A16 shapes, as KxN (e.g. 4096x4096; for profiling one)");
   CLI11_PARSE(app, argc, argv);
+  const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
+  auto name = [](std::pair<int, int> s) { return std::to_string(s.first) + "x" + std::to_string(s.second); };
+  for (const std::string& v : only)
+    if (std::none_of(std::begin(shapes), std::end(shapes), [&](auto sh) { return name(sh) == v; })) {
+      std::string known;
+      for (auto sh : shapes) known += " " + name(sh);
+      std::fprintf(stderr, "bench-kernels: --shape %s is not one of the benchmark's shapes:%s\n", v.c_str(), known.c_str());
+      return 2;
+    }
   try {
     cudaDeviceProp prop{};
     TMKIT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -139,11 +150,11 @@ int main(int argc, char** argv) {
     cublasHandle_t blas;
     TMKIT_CUBLAS_CHECK(cublasCreate(&blas));
     std::printf("device: %s, L2 %zu MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name, l2 >> 20, copy_gbs);
-    std::printf("| K x N | M | stream us (v0 / v1) | gemv us (v0 / v1) | gemm us (v0 / v1) | wgmma us (staged x / + staging) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
+    std::printf("| K x N | M | stream us (chosen / other warps) | gemv us (v0 / v1) | gemm us (v0 / v1) | wgmma us (staged x / + staging) | dequant+cuBLAS us | best W4A16 GB/s | %% of copy | "
                 "read floor us | %% of floor | cuBLAS fp16 us | W4A16 speedup | dense GEMV us | vs cuBLAS |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    const std::pair<int, int> shapes[] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
     for (auto [K, N] : shapes) {
+      if (!only.empty() && std::find(only.begin(), only.end(), name({K, N})) == only.end()) continue;
       const size_t w4_bytes = size_t(K) * N / 2 + 2 * size_t(K / 128) * N * 2, dense_bytes = size_t(K) * N * 2;
       const int copies = int(std::max<size_t>(2, 3 * l2 / w4_bytes + 1)), dense_copies = int(std::max<size_t>(2, 3 * l2 / dense_bytes + 1));
       std::vector<DeviceBuffer<uint32_t>> qw(static_cast<size_t>(copies)), sz(static_cast<size_t>(copies));
@@ -176,7 +187,8 @@ int main(int argc, char** argv) {
           });
         };
         const double inf = 1e30;
-        double stream_ms[2] = {inf, inf}, gemv_ms[2] = {inf, inf}, gemm_ms[2] = {inf, inf};
+        constexpr int kStreamVariants = 2;  // w4a16_stream's `variant`
+        double stream_ms[kStreamVariants] = {inf, inf}, gemv_ms[2] = {inf, inf}, gemm_ms[2] = {inf, inf};
         // The streaming kernel must give the split-K GEMV's result (same arithmetic, other order; the
         // random zeros here are not integers, so the dequantized product is no reference).
         auto host_y = [&] {
@@ -185,12 +197,12 @@ int main(int argc, char** argv) {
           return h;
         };
         std::vector<float> ref;
-        bool wrong[2] = {};
+        bool wrong[kStreamVariants] = {};
         if (M <= 16) {
           tmkit::cuda::w4a16_gemv(x.get(), M, K, N, qw[0].get(), sc[0].get(), zr[0].get(), y.get(), nullptr);
           ref = host_y();
         }
-        for (int v = 0; v < 2 && M <= 16; ++v) {
+        for (int v = 0; v < kStreamVariants && M <= 16; ++v) {
           TMKIT_CUDA_CHECK(cudaMemset(y.get(), 0, size_t(M) * N * 4));
           tmkit::cuda::w4a16_stream(x.get(), M, K, N, qw[0].get(), sz[0].get(), y.get(), nullptr, v);
           const double rel = rel_l2(host_y(), ref);
@@ -201,7 +213,7 @@ int main(int argc, char** argv) {
             failed = true;
           }
         }
-        for (int v = 0; v < 2 && M <= 16; ++v)
+        for (int v = 0; v < kStreamVariants && M <= 16; ++v)
           if (!wrong[v]) stream_ms[v] = median_ms(reps, [&](int i, cudaStream_t st) {
             const size_t c = size_t(i % copies);
             tmkit::cuda::w4a16_stream(x.get(), M, K, N, qw[c].get(), sz[c].get(), y.get(), st, v);

@@ -30,9 +30,18 @@
 // in chunk order, whichever block it is: no float atomics, so the result does not depend on
 // scheduling, and is the same at every replay. (A separate merge kernel cost a launch per layer
 // and decode step.) Chunk 0 always holds key 0, which every query sees, so M is finite.
+//
+// With a QkvRope (decode steps, one row group), the kernel also does rope_append's work for its
+// kv head: q's bias and rotation in registers (a lane's 8 channels are 4 whole pairs), and, in the
+// block whose chunk holds a new token, that token's K and V into the cache (rope_append_head, a
+// warp per head as rope_append does) before the keys are read. That block alone reads those keys,
+// so a barrier orders the two. Why: rope_append was a kernel of its own between the qkv GEMV and
+// this one, a chain of round trips (wait, loads, stores, the next kernel's wait) on every layer
+// of a decode step.
 #include "block_reduce.cuh"
 #include "kernels.h"
 #include "kv_cache.cuh"
+#include "rope_append.cuh"
 
 namespace tmkit::cuda {
 
@@ -45,18 +54,30 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
                                                                       int T_, int pos0, const int* pos_dev, int H, int KV,
                                                                       int row_groups, float scale_log2, int chunk,
                                                                       int chunks, float* part_acc, float2* part_ml,
-                                                                      int* arrivals, T* out) {
+                                                                      int* arrivals, T* out, QkvRope<T> rope) {
   using Kv = CacheReader<BITS>;
   using Raw = typename Kv::Raw;
   constexpr int L = D / 8, KPS = 32 / L, U = ROWS >= 8 ? 2 : 4, kStep = KPS * U;
   __shared__ float acc_s[kWarps][ROWS][D];
   __shared__ float m_s[kWarps][ROWS], l_s[kWarps][ROWS];
 
-  pdl_begin();
   const int kvh = blockIdx.y / row_groups, r0 = (blockIdx.y % row_groups) * ROWS, seq = blockIdx.z;
   const int G = H / KV, R = G * T_;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slot = lane / L, grp = lane % L;
   const Kv kv{cache};
+  // With rope: constants before the wait for the kernel ahead. This lane's q pairs' frequencies,
+  // and the K (even warps) or V (odd warps) head this warp may append: a warp's
+  // items t of the new tokens all have that head.
+  float freq[4] = {};
+  HeadRope hr;
+  const int append_head = H + (warp % 2 ? KV : 0) + kvh;
+  if (rope.inv_freq) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (2 * (4 * grp + i) < rope.rot) freq[i] = rope.inv_freq[4 * grp + i];
+    hr = head_rope(rope, append_head, D, lane);
+  }
+  pdl_begin();
 
   // q before the position: both loads in flight together (one round trip, not two).
   float qr[ROWS][8], m[ROWS], l[ROWS], acc[ROWS][8];
@@ -73,13 +94,43 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const flo
       const float4 a = src[0], b = src[1];
       const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-      for (int i = 0; i < 8; ++i) qr[rr][i] = v[i] * scale_log2;
+      for (int i = 0; i < 8; ++i) qr[rr][i] = v[i];
     }
   }
   if (pos_dev) pos0 = *pos_dev;
+  if (rope.inv_freq)  // as rope_append: q + bias, then the rotation, in fp32
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int r = r0 + rr, t = r / G, h = kvh * G + r % G;
+      if (r >= R) continue;
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        float a = qr[rr][i], b = qr[rr][i + 1];
+        if (rope.bias) {
+          a += to_float(rope.bias[size_t(h) * D + 8 * grp + i]);
+          b += to_float(rope.bias[size_t(h) * D + 8 * grp + i + 1]);
+        }
+        if (2 * (4 * grp + i / 2) < rope.rot) rope_rotate(a, b, float(pos0 + t), freq[i / 2], rope.scale);
+        qr[rr][i] = a, qr[rr][i + 1] = b;
+      }
+    }
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qr[rr][i] *= scale_log2;
   const int key_end = pos0 + T_, c = blockIdx.x, first = c * chunk;
   if (first >= key_end) return;  // uniform across the block, before any barrier
   const int last = min(first + chunk, key_end);
+  if (rope.inv_freq) {  // the new tokens of this chunk into the cache: item 2 t (K) or 2 t + 1 (V)
+    for (int item = warp; item < 2 * T_; item += kWarps) {
+      const int t = item / 2, pos = pos0 + t;
+      if (pos < first || pos >= last) continue;
+      // Read only: rope_append_head writes qkv back only when asked to.
+      float* qkv_row = const_cast<float*>(q) + (size_t(seq) * T_ + t) * q_stride;
+      rope_append_head<T, BITS>(qkv_row, H, append_head, seq, pos, cache, rope, hr, lane, /*write_back=*/false);
+    }
+    __syncthreads();
+  }
   int limit[ROWS];  // the last key row r may see (causal); -1 for rows past R
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) limit[rr] = r0 + rr < R ? pos0 + (r0 + rr) / G : -1;
@@ -239,13 +290,14 @@ struct DecodeArgs {
   float2* part_ml;
   int* arrivals;
   T* out;
+  QkvRope<T> rope;
 };
 
 template <typename T, int D, int BITS>
 void launch_rows(int rows_template, dim3 grid, cudaStream_t s, const DecodeArgs<T>& a) {
   auto go = [&](auto kernel) {
     launch_kernel(kernel, grid, kWarps * 32, 0, s, a.q, a.q_stride, a.cache, a.T_, a.pos0, a.pos_dev, a.H, a.KV,
-                  a.row_groups, a.scale_log2, a.chunk, a.chunks, a.part_acc, a.part_ml, a.arrivals, a.out);
+                  a.row_groups, a.scale_log2, a.chunk, a.chunks, a.part_acc, a.part_ml, a.arrivals, a.out, a.rope);
   };
   switch (rows_template) {
     case 1: return go(attention_decode_kernel<T, D, BITS, 1>);
@@ -288,7 +340,8 @@ size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity
 
 template <typename T>
 void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0, const int* pos_dev,
-                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s) {
+                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s,
+                      const QkvRope<T>& rope) {
   if (D != cache.head_dim) fail("attention: head_dim {} differs from the KV cache's {}", D, cache.head_dim);
   if (B < 1 || B > 65535) fail("attention: batch {} is outside 1 .. 65535 sequences", B);
   if (T_ < 1 || T_ > kDecodeMaxTokens) fail("attention: decode takes 1 .. {} queries per sequence, not {}", kDecodeMaxTokens, T_);
@@ -296,13 +349,20 @@ void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int
   const int R = (H / KV) * T_;
   const int rows_template = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
   const int row_groups = (R + rows_template - 1) / rows_template;
+  if (rope.inv_freq && q_stride != size_t(H + 2 * KV) * D)
+    fail("attention: rotating in the decode kernel needs q as the qkv buffer (stride {}, not {})", (H + 2 * KV) * D, q_stride);
+  QkvRope<T> in_kernel = rope;
+  if (rope.inv_freq && row_groups > 1) {  // blocks of other row groups would read the keys unordered
+    rope_append(const_cast<float*>(q), rope, B, T_, H, cache, pos0, pos_dev, s);
+    in_kernel = {};
+  }
   const dim3 grid(sp.chunks, KV * row_groups, B);
   const size_t parts = parts_of(B, T_, H, cache.capacity);
   float* part_acc = scratch + arrivals_of(B, H);
   const DecodeArgs<T> a{q, q_stride, cache, T_, pos0, pos_dev, H, KV, row_groups, scale * 1.4426950408889634f,
                         sp.chunk, sp.chunks, part_acc,
                         reinterpret_cast<float2*>(part_acc + parts * D),  // 8-byte aligned: the offsets are even
-                        reinterpret_cast<int*>(scratch), out};
+                        reinterpret_cast<int*>(scratch), out, in_kernel};
   switch (D) {
     case 32: return launch_bits<T, 32>(cache.bits, rows_template, grid, s, a);
     case 64: return launch_bits<T, 64>(cache.bits, rows_template, grid, s, a);
@@ -312,8 +372,9 @@ void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int
 }
 
 template void attention_decode<__half>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int, int,
-                                       float, float*, __half*, cudaStream_t);
+                                       float, float*, __half*, cudaStream_t, const QkvRope<__half>&);
 template void attention_decode<__nv_bfloat16>(const float*, size_t, const KvLayer&, int, int, int, const int*, int, int,
-                                              int, float, float*, __nv_bfloat16*, cudaStream_t);
+                                              int, float, float*, __nv_bfloat16*, cudaStream_t,
+                                              const QkvRope<__nv_bfloat16>&);
 
 }  // namespace tmkit::cuda

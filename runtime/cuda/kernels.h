@@ -97,7 +97,8 @@ void w4a16_gemv(const __half* x, int M, int K, int N, const uint32_t* packed, co
 void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, const __half* scales, const __half* zeros,
                 float* y, cudaStream_t s, int variant = 0);
 // M <= 16, N % 16 == 0: the weights streamed through shared memory by a persistent grid
-// (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them.
+// (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them; `variant` 1: the
+// other count of consumer warps, for bench-kernels.
 void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
                   const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's
@@ -144,9 +145,13 @@ DecodeSplit attention_decode_split(int capacity);
 size_t attention_decode_scratch_floats(int B, int T_, int H, int D, int capacity);
 
 // The same result as attention_prefill over the cache, for T <= kDecodeMaxTokens: split over keys
-// (partials in `scratch`), then merged in a fixed order (deterministic).
+// (partials in `scratch`), then merged in a fixed order (deterministic). With `rope` (its
+// inv_freq set), q is the qkv buffer as the qkv linear left it: the kernel adds the bias and
+// rotates q itself and appends the new tokens' K and V to the cache first, as rope_append would
+// (without writing qkv back), a kernel fewer per decode step.
 template <typename T>
 void attention_decode(const float* q, size_t q_stride, const KvLayer& cache, int B, int T_, int pos0, const int* pos_dev,
-                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s);
+                      int H, int KV, int D, float scale, float* scratch, T* out, cudaStream_t s,
+                      const QkvRope<T>& rope = {});
 
 }  // namespace tmkit::cuda

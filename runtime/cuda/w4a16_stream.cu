@@ -9,14 +9,15 @@
 //
 // Work: units of P column pairs (16P columns: tiles 2p, 2p + 1 of each pair) x all of K, dealt
 // round-robin to the blocks (no split-K, no second pass; 4096 columns at P = 1: 256 units on
-// 132 SMs). A unit's K runs in chunks of 8 groups (1024 rows); chunk = one stage of the ring, per
-// pair [tile 2p: the chunk's groups x 512 B][tile 2p + 1: the same][scale/zero: groups x 64 B],
-// each part a contiguous range of the packed arrays: 3P bulk copies fill a stage.
+// 132 SMs). A unit's K runs in chunks of C groups, one per consumer warp (C = 8: 1024 rows);
+// chunk = one stage of the ring, per pair [tile 2p: the chunk's groups x 512 B][tile 2p + 1: the
+// same][scale/zero: groups x 64 B], each part a contiguous range of the packed arrays: 3P bulk
+// copies fill a stage.
 // Consumer warp w takes group g0 + w of every chunk with swapped mma operands: A = W^T (16
 // columns: the lane's column g of tiles 2p and 2p + 1, whose B-fragment pairs are exactly A's
 // a0/a2 and a1/a3), B = x^T (8 rows of x per mma: lane (g, c) holds row g's pairs {2c, 2c+1},
 // {2c+8, 2c+9} of a k-tile), so one mma covers 256 weights and each x register feeds P pairs. The
-// scale applies per group in fp32 to the mma sums (exact). At the unit's end the 8 warps' partial
+// scale applies per group in fp32 to the mma sums (exact). At the unit's end the C warps' partial
 // sums meet in shared memory and are added in warp order (deterministic); a unit's two tiles are
 // a gate tile and its up tile when the caller asks for SiLU(gate) * up (GemvOut).
 //
@@ -41,28 +42,29 @@ namespace {
 
 using namespace w4;
 
-constexpr int kConsumers = kWarps, kChunkGroups = kConsumers;  // one group per consumer warp and stage
-constexpr int kTileChunkBytes = kChunkGroups * 512, kScaleChunkBytes = kChunkGroups * 64;
+// C consumer warps a block, each taking one group of every chunk (C groups: one stage).
 // A stage, per pair p: [tile 2p: the chunk's groups x 512 B][tile 2p + 1][scale/zero].
-constexpr int kPairBytes = 2 * kTileChunkBytes + kScaleChunkBytes;
-
 // P column pairs per unit (16P columns): the pairs of a group share the warp's x registers.
-template <int MB, int S, int P>
+template <int MB, int S, int P, int C>
 struct StreamShape {
+  static constexpr int kTileChunkBytes = C * 512, kScaleChunkBytes = C * 64;
+  static constexpr int kPairBytes = 2 * kTileChunkBytes + kScaleChunkBytes;
   static constexpr int kStageBytes = P * kPairBytes;
-  static constexpr int kRegs = MB * P * 4;                        // accumulators per lane
-  static constexpr int kRedFloats = 2 * kConsumers * kRegs * 32;  // double-buffered
+  static constexpr int kRegs = MB * P * 4;                // accumulators per lane
+  static constexpr int kRedFloats = 2 * C * kRegs * 32;  // double-buffered
   static constexpr int kSmem = S * kStageBytes + 2 * S * 8 + kRedFloats * 4;
 };
 
 // MB row blocks of 8 (M <= 8: 1, M <= 16: 2), S stages, kBlocksPerSm blocks per SM, P column
-// pairs per unit.
-template <int MB, int S, int kBlocksPerSm, int P>
-__global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
+// pairs per unit, C consumer warps.
+template <int MB, int S, int kBlocksPerSm, int P, int C>
+__global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
     w4a16_stream_kernel(const __half* __restrict__ x, int M, int K, int N, const uint4* __restrict__ packed,
                         const uint2* __restrict__ scale_zero, const GemvOut<__half> out) {
-  using Shape = StreamShape<MB, S, P>;
-  constexpr int kStageBytes = Shape::kStageBytes;
+  using Shape = StreamShape<MB, S, P, C>;
+  constexpr int kConsumers = C, kChunkGroups = C;
+  constexpr int kStageBytes = Shape::kStageBytes, kPairBytes = Shape::kPairBytes;
+  constexpr int kTileChunkBytes = Shape::kTileChunkBytes;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * kStageBytes);
   uint64_t* empty = full + S;
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
     const float* a = &acc[0][0][0];
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) r[(warp * kRegs + i) * 32 + lane] = a[i];
-    asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory");
+    asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
     // Register i of lane l: row 8 mb + 2 (l % 4) + (i & 1); column l / 4 of tile 2 (P u + p) for
     // i % 4 < 2, of the tile after it else (with GemvOut::act: the gate and its up column).
     auto sum_of = [&](int i, int l) {
@@ -183,15 +185,15 @@ __global__ void __launch_bounds__((kConsumers + 1) * 32, kBlocksPerSm)
   }
 }
 
-template <int MB, int S, int kBlocksPerSm, int P>
+template <int MB, int S, int kBlocksPerSm, int P, int C = kWarps>
 void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
             const GemvOut<__half>& out, cudaStream_t s) {
-  constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P>;
-  constexpr int smem = StreamShape<MB, S, P>::kSmem;
+  constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P, C>;
+  constexpr int smem = StreamShape<MB, S, P, C>::kSmem;
   allow_dynamic_smem<kernel>(smem);
   const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
-  launch_kernel(kernel, unsigned(blocks), (kConsumers + 1) * 32, smem, s, x, M, K, N,
-                reinterpret_cast<const uint4*>(packed), reinterpret_cast<const uint2*>(scale_zero), out);
+  launch_kernel(kernel, unsigned(blocks), (C + 1) * 32, smem, s, x, M, K, N, reinterpret_cast<const uint4*>(packed),
+                reinterpret_cast<const uint2*>(scale_zero), out);
 }
 
 }  // namespace
@@ -200,19 +202,27 @@ void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, 
                   const GemvOut<__half>& out, cudaStream_t s, int variant) {
   if (M < 1 || M > 16 || K % kGroup || N % 16)
     fail("w4a16_stream: unsupported shape M={} K={} N={} (M <= 16, K % 128, N % 16)", M, K, N);
-  // Variant 1: bench-kernels' comparison, 2 blocks of 4 stages per SM with one pair per unit.
-  if (M <= 8) return variant == 1 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s)
-                                  : launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, out, s);
-  if (variant == 1 || N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s);
+  // 16 consumer warps a block where units are few (at most two a SM) and long (K of 64 groups or
+  // more: 4+ chunks of 16): more warps then keep more loads in flight per SM. Shorter units are
+  // too few chunks for the ring to fill. 11008 x 4096 (H100): M = 1 11.2 -> 10.3 us, M = 16
+  // 16.6 -> 15.7; 4096 x 4096 slower with 16 (5.1 -> 5.2, 7.0 -> 7.2). Variant 1 (bench-kernels'
+  // comparison) takes the other count of warps.
+  const int pairs = N / 16, sms = sm_count();
+  const bool long_units = K >= 64 * kGroup;
+  if (M <= 8) {
+    if ((long_units && pairs <= 2 * sms) != (variant == 1)) return launch<1, 3, 2, 1, 16>(x, M, K, N, packed, scale_zero, out, s);
+    return launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, out, s);
+  }
+  if (N % 32 != 0) return launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s);
   // Every unit reads all of x (here up to 16 rows, more bytes than its weights), so fewer, wider
   // units pay as long as they still fill the SMs in one round: 6 pairs a unit (2 stages, the
   // shared memory's limit) where 2 would leave more units than SMs: 4096 x 12288 16.1 -> 13.3 us.
   // Otherwise two blocks of 3 stages per SM once there are units for both (N >= 64 * SMs): 4096 x
   // 22016 29.3 -> 23.9 us, 4096 x 12288 16.6 -> 16.1; with fewer units most SMs would run one
   // small block (4096 x 4096: 6.7 -> 7.3 us). H200, docs/performance.md.
-  const int pairs = N / 16, sms = sm_count();
   if (pairs > 2 * sms && pairs <= 6 * sms && pairs % 6 == 0) return launch<2, 2, 1, 6>(x, M, K, N, packed, scale_zero, out, s);
   if (pairs >= 4 * sms) return launch<2, 3, 2, 2>(x, M, K, N, packed, scale_zero, out, s);
+  if (long_units != (variant == 1)) return launch<2, 3, 1, 2, 16>(x, M, K, N, packed, scale_zero, out, s);
   launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, out, s);
 }
 
