@@ -98,7 +98,7 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
                 float* y, cudaStream_t s, int variant = 0);
 // M <= 16, N % 16 == 0: the weights streamed through shared memory by a persistent grid
 // (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them; `variant` 1: the
-// other count of consumer warps, for bench-kernels.
+// other count of consumer warps, 2: two blocks of 4 stages per SM (bench-kernels' comparisons).
 void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
                   const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's

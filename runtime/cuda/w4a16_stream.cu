@@ -205,10 +205,13 @@ void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, 
   // 16 consumer warps a block where units are few (at most two a SM) and long (K of 64 groups or
   // more: 4+ chunks of 16): more warps then keep more loads in flight per SM. Shorter units are
   // too few chunks for the ring to fill. 11008 x 4096 (H100): M = 1 11.2 -> 10.3 us, M = 16
-  // 16.6 -> 15.7; 4096 x 4096 slower with 16 (5.1 -> 5.2, 7.0 -> 7.2). Variant 1 (bench-kernels'
-  // comparison) takes the other count of warps.
+  // 16.6 -> 15.7; 4096 x 4096 slower with 16 (5.1 -> 5.2, 7.0 -> 7.2). bench-kernels' comparisons:
+  // variant 1 takes the other count of warps, variant 2 two blocks of 4 stages per SM with one pair
+  // a unit (session 15's other shape, perhaps 4.8 us at 4096 x 4096, M = 1: not yet settled).
   const int pairs = N / 16, sms = sm_count();
   const bool long_units = K >= 64 * kGroup;
+  if (variant == 2) return M <= 8 ? launch<1, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s)
+                                  : launch<2, 4, 2, 1>(x, M, K, N, packed, scale_zero, out, s);
   if (M <= 8) {
     if ((long_units && pairs <= 2 * sms) != (variant == 1)) return launch<1, 3, 2, 1, 16>(x, M, K, N, packed, scale_zero, out, s);
     return launch<1, 3, 3, 1>(x, M, K, N, packed, scale_zero, out, s);
