@@ -6,7 +6,9 @@
 // rounding). A workspace with a weight beyond 65504 runs in bf16. Prefill attention runs on tensor
 // cores with Q, K, V and the softmax weights in the same type (fp32 sums); decode attention reads
 // K and V in fp32. Under tensor parallelism each rank sums `delta` over the ranks (NCCL
-// all-reduce) after wo and after w2, and rank 0 alone runs the LM head.
+// all-reduce) after wo and after w2, and rank 0 alone runs the LM head. Decode steps at one rank
+// fold the norms between GEMVs into them (HForm): the reading GEMV's input is then x * norm_w in
+// fp16, its sums divided by the rms after the product.
 #include "gpu_rank.h"
 
 #include <algorithm>
@@ -199,28 +201,33 @@ struct ImplT final : RankModel {
   // Decode steps' few rows go to dense_gemv (TMKIT_DENSE_GEMV=0: cuBLAS, for comparison), which
   // alone can write the gated activation (callers ask gemv_writes_act first).
   bool takes_dense_gemv(int M, int N) const { return M <= cuda::kDenseGemvMaxRows && N % 8 == 0 && dense_gemv_on; }
-  void gemm(const T* X, const T* W, const cuda::GemvOut<T>& out, int M, int K, int N, bool w_transposed = false) {
+  // Returns dense_gemv's norm partials per row (GemvOut::residual), else 0.
+  int gemm(const T* X, const T* W, const cuda::GemvOut<T>& out, int M, int K, int N, bool w_transposed = false) {
     if (!w_transposed && takes_dense_gemv(M, N))
       return cuda::dense_gemv<T>(X, M, K, N, W, out, gemv_scratch.get(), stream);
-    if (out.act) fail("internal: cuBLAS asked for the gated activation ({} rows)", M);
+    if (out.act || out.residual || out.fold_in.ss)
+      fail("internal: cuBLAS asked for the gated activation or a folded norm ({} rows)", M);
     float* Y = out.y;
     const float one = 1.0f, zero = 0.0f;
     constexpr cudaDataType_t t = cuda::TypeOf<T>::value;
     TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, W, t,
                                     w_transposed ? K : N, X, t, K, &zero, Y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
+    return 0;
   }
 
   const bool dense_gemv_on = cuda::switch_on("TMKIT_DENSE_GEMV");
   DeviceBuffer<float> gemv_scratch;  // dense_gemv's, for every dense linear of the model
 
-  // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16.
+  // A linear layer: the dense weight through cuBLAS, or the int4 one through W4A16. Returns the
+  // norm partials per row that a folding GEMV wrote (GemvOut::residual), else 0.
   DeviceBuffer<__half> w4_scratch;
-  void linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, const cuda::GemvOut<T>& out,
-              int M, int K, int N, bool x_staged = false) {
+  int linear(const T* X, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, const cuda::GemvOut<T>& out,
+             int M, int K, int N, bool x_staged = false) {
     if (!W4) return gemm(X, W.get(), out, M, K, N);
-    if constexpr (std::is_same_v<T, __half>) W4->run(blas, X, M, out, w4_scratch, stream, W4Linear::Path::kAuto, x_staged);
-    else fail("int4 workspaces run with fp16 activations");
+    if constexpr (std::is_same_v<T, __half>)
+      return W4->run(blas, X, M, out, w4_scratch, stream, W4Linear::Path::kAuto, x_staged);
+    fail("int4 workspaces run with fp16 activations");
   }
   // Whether the kernel that computes the input of this int4 linear at M rows writes it in the
   // wgmma GEMM's order (cuda/staged_x.cuh), sparing the GEMM its staging kernel. TMKIT_STAGED_X=0
@@ -240,25 +247,63 @@ struct ImplT final : RankModel {
   // Decode attention rotates and appends the new tokens itself (attention_decode's QkvRope);
   // TMKIT_ROPE_IN_ATTENTION=0 runs rope_append before it, for comparison.
   const bool rope_in_attention_on = cuda::switch_on("TMKIT_ROPE_IN_ATTENTION");
+  // What h holds for the linear that reads it: rmsnorm(x) * norm_w, in the wgmma GEMM's order when
+  // `staged`; or, with `fold` set, x * norm_w, which that linear's GEMV divides by the rms itself.
+  struct HForm {
+    bool staged = false;
+    cuda::FoldIn fold;
+  };
+  // A decode step's norm between two GEMVs folds into them (cuda::GemvOut::residual and fold_in,
+  // kernels.h): one kernel fewer per norm, two a layer. TMKIT_NORM_FOLD=0 runs add_rmsnorm between
+  // them, for comparison. One rank only: under tensor parallelism the sums are partial until the
+  // all-reduce.
+  const bool norm_fold_on = cuda::switch_on("TMKIT_NORM_FOLD");
+  DeviceBuffer<float> fold_ss{size_t(cuda::kFoldMaxRows) * cuda::kFoldMaxParts};
+  bool gemv_folds(const std::unique_ptr<W4Linear>& W4, int M, int N) const {
+    return W4 ? W4->streams(M) : takes_dense_gemv(M, N);
+  }
+  bool folds_norm(const std::unique_ptr<W4Linear>& W4, int M, int N, const std::unique_ptr<W4Linear>* next,
+                  int next_N) const {
+#ifdef TMKIT_HAVE_NCCL
+    if (comm) return false;
+#endif
+    return norm_fold_on && next && M <= cuda::kFoldMaxRows && gemv_folds(W4, M, N) && gemv_folds(*next, M, next_N);
+  }
+  cuda::GemvOut<T> reading(const cuda::GemvOut<T>& out, const HForm& hf) const {
+    cuda::GemvOut<T> o = out;
+    o.fold_in = hf.fold;
+    return o;
+  }
+
   // x += X W (+ bias; the ranks' shares summed), then h = rmsnorm(x) * norm_w for `next`, the
-  // linear that reads h (null: the output head). Returns whether h is staged for it.
-  bool residual_linear(const T* X, bool x_staged, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M,
-                       int K, int N, const T* bias, const T* norm_w, float eps, const W4Linear* next) {
+  // linear that reads h (its int4 weight, if any, and its N; null: the output head).
+  HForm residual_linear(const T* X, bool x_staged, const DeviceBuffer<T>& W, const std::unique_ptr<W4Linear>& W4, int M,
+                        int K, int N, const T* bias, const T* norm_w, float eps, const std::unique_ptr<W4Linear>* next,
+                        int next_N) {
+    if (folds_norm(W4, M, N, next, next_N)) {
+      cuda::GemvOut<T> out;
+      out.residual = x.get();
+      out.bias = bias;
+      out.norm_w = norm_w;
+      out.xw = h.get();
+      out.ss = fold_ss.get();
+      return {false, {fold_ss.get(), linear(X, W, W4, out, M, K, N, x_staged), eps}};
+    }
     linear(X, W, W4, delta.get(), M, K, N, x_staged);
     all_reduce(delta.get(), size_t(M) * N);
-    const bool staged = stages_for(next, M);
+    const bool staged = next && stages_for(next->get(), M);
     cuda::add_rmsnorm<T>(x.get(), delta.get(), bias, norm_w, eps, M, N, h.get(), stream, staged);
-    return staged;
+    return {staged, {}};
   }
   // act = SiLU(h W1) * (h W3), in the GEMV where it can. Returns whether act is staged for w2.
-  bool gated_linear(const Layer& l, int M, int K, int I, bool h_staged) {
+  bool gated_linear(const Layer& l, int M, int K, int I, const HForm& hf) {
     if (l.gate_up_interleaved && gemv_writes_act(l.w13_4, M, 2 * I)) {
       cuda::GemvOut<T> out;
       out.act = act.get();
-      linear(h.get(), l.w13, l.w13_4, out, M, K, 2 * I, h_staged);
+      linear(h.get(), l.w13, l.w13_4, reading(out, hf), M, K, 2 * I, hf.staged);
       return false;
     }
-    linear(h.get(), l.w13, l.w13_4, gu.get(), M, K, 2 * I, h_staged);
+    linear(h.get(), l.w13, l.w13_4, reading(gu.get(), hf), M, K, 2 * I, hf.staged);
     const bool staged = stages_for(l.w2_4.get(), M);
     cuda::silu_mul<T>(gu.get(), M, I, l.gate_up_interleaved, act.get(), stream, staged);
     return staged;
@@ -387,13 +432,13 @@ struct ImplT final : RankModel {
     cuda::embedding<T>(ids_d.get(), rows, embed.get(), hid, x.get(), s);
     // Each layer leaves h = the next norm of the residual stream x: the next layer's attn_norm, or
     // after the last layer the final norm.
-    bool h_staged = !layers.empty() && stages_for(layers[0].qkv4.get(), rows);
+    HForm hf{!layers.empty() && stages_for(layers[0].qkv4.get(), rows), {}};
     cuda::add_rmsnorm<T>(x.get(), nullptr, nullptr, layers.empty() ? norm.get() : layers[0].attn_norm.get(), eps, rows,
-                         hid, h.get(), s, h_staged);
+                         hid, h.get(), s, hf.staged);
     for (size_t li = 0; li < layers.size(); ++li) {
       Layer& l = layers[li];
       const int I = int(cfg.inter_size[li]);
-      linear(h.get(), l.wqkv, l.qkv4, qkv.get(), rows, hid, qkv_w, h_staged);
+      linear(h.get(), l.wqkv, l.qkv4, reading(qkv.get(), hf), rows, hid, qkv_w, hf.staged);
       float* stats = collect_kv_stats ? kv_stats_d.get() + li * 9 * size_t(KV * D) : nullptr;
       if (stats) cuda::kv_stats<T>(qkv.get(), l.bqkv.size() ? l.bqkv.get() : nullptr, rows, H, KV, D, true, stats, s);
       if (collect_kv_hist)
@@ -428,12 +473,13 @@ struct ImplT final : RankModel {
                                    size_t(qkv_w), B, T_, H, KV, D, scale, attn.get(), s, attn_staged);
       }
       // The wo bias is added after the all-reduce, on every rank.
-      h_staged = residual_linear(attn.get(), attn_staged, l.wo, l.wo4, rows, H * D, hid, l.bo.size() ? l.bo.get() : nullptr,
-                                 l.ffn_norm.get(), eps, l.w13_4.get());
-      const bool act_staged = gated_linear(l, rows, hid, I, h_staged);
+      hf = residual_linear(attn.get(), attn_staged, l.wo, l.wo4, rows, H * D, hid, l.bo.size() ? l.bo.get() : nullptr,
+                           l.ffn_norm.get(), eps, &l.w13_4, 2 * I);
+      const bool act_staged = gated_linear(l, rows, hid, I, hf);
       const bool last = li + 1 == layers.size();
-      h_staged = residual_linear(act.get(), act_staged, l.w2, l.w2_4, rows, I, hid, nullptr,
-                                 last ? norm.get() : layers[li + 1].attn_norm.get(), eps, last ? nullptr : layers[li + 1].qkv4.get());
+      hf = residual_linear(act.get(), act_staged, l.w2, l.w2_4, rows, I, hid, nullptr,
+                           last ? norm.get() : layers[li + 1].attn_norm.get(), eps, last ? nullptr : &layers[li + 1].qkv4,
+                           qkv_w);
     }
     if (rank > 0) return;  // the ranks' residual streams are equal: rank 0 alone runs the head
     if (!nll_only) {

@@ -47,27 +47,30 @@ size_t W4Linear::scratch_for(Path p, int M) const {
   }
 }
 
-void W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
-                   cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path, bool x_staged) const {
+int W4Linear::run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
+                  cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path, bool x_staged) const {
   const Path p = choose(M, path);
   if (x_staged && p != Path::kWgmma)
     fail("internal: int4 linear [{}, {}] given staged x for {} rows, which do not take the wgmma GEMM", K, N, M);
   if (streams(M, path)) return cuda::w4a16_stream(x, M, K, N, packed_.get(), scale_zero_.get(), out, st);
-  if (out.act) fail("int4 linear [{}, {}]: {} rows take a kernel that writes no activation", K, N, M);
+  if (out.act || out.residual || out.fold_in.ss)
+    fail("int4 linear [{}, {}]: {} rows take a kernel that writes only the plain product", K, N, M);
   float* y = out.y;
   if (!x_staged) scratch.resize(scratch_for(p, M));
   switch (p) {
-    case Path::kGemv: return cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
-    case Path::kGemm: return cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st);
+    case Path::kGemv: cuda::w4a16_gemv(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st); return 0;
+    case Path::kGemm: cuda::w4a16_gemm(x, M, K, N, packed_.get(), scales_.get(), zeros_.get(), y, st); return 0;
     case Path::kWgmma:
       if (!x_staged) cuda::w4_stage_x(x, M, K, scratch.get(), st);
-      return cuda::w4a16_wgmma(x_staged ? x : scratch.get(), M, K, N, packed_.get(), scale_zero_.get(), y, st);
+      cuda::w4a16_wgmma(x_staged ? x : scratch.get(), M, K, N, packed_.get(), scale_zero_.get(), y, st);
+      return 0;
     default: break;
   }
   cuda::w4_dequant_packed(packed_.get(), scales_.get(), zeros_.get(), K, N, scratch.get(), st);
   const float one = 1.0f, zero = 0.0f;
   TMKIT_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, scratch.get(), CUDA_R_16F, N, x,
                                   CUDA_R_16F, K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return 0;
 }
 
 std::vector<float> gpu_w4a16_matmul(const Int4Linear& w, const std::vector<uint16_t>& x, int M, int path) {

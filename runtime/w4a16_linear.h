@@ -26,8 +26,8 @@ class W4Linear {
   // x staged on the kWgmma one (grown as needed). kGemv takes M <= 32. Only the streaming kernel
   // does more than write y (cuda::GemvOut): callers ask streams() first. `x_staged`: x is already
   // in the wgmma GEMM's order (cuda/staged_x.cuh), as the kernel ahead wrote it for a linear that
-  // takes_staged(M).
-  void run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
+  // takes_staged(M). Returns the streaming kernel's blocks (GemvOut::residual's partials), else 0.
+  int run(cublasHandle_t blas, const __half* x, int M, const cuda::GemvOut<__half>& out,
            cuda::DeviceBuffer<__half>& scratch, cudaStream_t st, Path path = Path::kAuto, bool x_staged = false) const;
   bool streams(int M, Path path = Path::kAuto) const { return choose(M, path) == Path::kGemv && M <= 16 && N % 16 == 0; }
   bool takes_staged(int M) const { return choose(M, Path::kAuto) == Path::kWgmma; }

@@ -17,6 +17,9 @@
 // does not depend on scheduling.
 // Slices are sized so that the grid is one wave of ~4 blocks per SM: short K slices keep every SM
 // streaming on narrow layers (4096 columns are only 16 tiles).
+// The RMSNorm fold (GemvOut::residual / fold_in, kernels.h): the tile's final block adds into the
+// residual rows and writes x * norm_w and the tile's share of each row's squares (one partial per
+// tile); a reading GEMV's blocks sum those partials into 1 / rms while they load their x slice.
 #include "block_reduce.cuh"
 #include "gemv_out.cuh"
 #include "kernels.h"
@@ -54,6 +57,7 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
                                                               float* __restrict__ part, int* __restrict__ arrivals,
                                                               const GemvOut<T> out) {
   extern __shared__ float xs[];  // [MR][slice_rows]; reused for the warps' sums [kWarps][MR][kTileCols]
+  __shared__ float inv_rms[MR], scratch[32];  // the fold's
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tile = blockIdx.x, slice = blockIdx.y;
   const int col = tile * kTileCols + 8 * lane, k0 = slice * slice_rows, k1 = min(K, k0 + slice_rows);
   const bool has_col = col < N;  // N % 8 == 0: a lane's 8 columns are all in or all out
@@ -72,6 +76,12 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
   for (int i = threadIdx.x; i < MR * slice_rows; i += kThreads) {
     const int m = i / slice_rows, k = k0 + i % slice_rows;
     xs[i] = m < M && k < k1 ? to_float(x[size_t(m) * K + k]) : 0.0f;
+  }
+  if (out.fold_in.ss && warp < M) {  // warp m: row m's 1 / rms, its partials added in a fixed order
+    float sum = 0.0f;
+    for (int p = lane; p < out.fold_in.parts; p += 32) sum += out.fold_in.ss[size_t(warp) * kFoldMaxParts + p];
+    sum = warp_sum(sum);
+    if (lane == 0) inv_rms[warp] = rsqrtf(sum / float(K) + out.fold_in.eps);
   }
   __syncthreads();
 
@@ -120,11 +130,30 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
       if (m < M && out_col < N)
         for (int v = 0; v < slices; ++v) s[m] += __ldcg(&part[(size_t(v) * M + m) * N + out_col]);
     }
+  if (whole && out.fold_in.ss)
+#pragma unroll
+    for (int m = 0; m < MR; ++m) s[m] *= m < M ? inv_rms[m] : 0.0f;
   if (whole && out.act) {  // a gate column's thread needs its up column's sum (c + 8, same tile)
     __syncthreads();  // the warps' sums are read
 #pragma unroll
     for (int m = 0; m < MR; ++m) sums[m * kTileCols + c] = s[m];
     __syncthreads();
+  }
+  if (whole && out.residual) {  // block-uniform: every thread takes part in the sums of squares
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (m >= M) break;
+      float v = 0.0f;
+      if (out_col < N) {
+        const size_t i = size_t(m) * N + out_col;
+        v = out.residual[i] + s[m] + (out.bias ? to_float(out.bias[out_col]) : 0.0f);
+        out.residual[i] = v;
+        out.xw[i] = from_float<T>(v * to_float(out.norm_w[out_col]));
+      }
+      const float squares = block_sum(v * v, scratch);
+      if (threadIdx.x == 0) out.ss[m * kFoldMaxParts + tile] = squares;
+    }
+    return;
   }
   if (!whole || out_col >= N) return;
 #pragma unroll
@@ -154,19 +183,26 @@ size_t dense_gemv_scratch_floats(int M, int K, int N) {
 }
 
 template <typename T>
-void dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
-                cudaStream_t s) {
+int dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
+               cudaStream_t s) {
   if (M < 1 || M > kDenseGemvMaxRows || K < 1 || N % 8 || N > kMaxTiles * kTileCols || (out.act && N % 16))
     fail("dense_gemv: unsupported shape M={} K={} N={} (M <= {}, N % 8, N <= {}, gated: N % 16)", M, K, N,
          kDenseGemvMaxRows, kMaxTiles * kTileCols);
-  if (M == 1) return launch_rows<T, 1>(x, M, K, N, w, out, scratch, s);
-  if (M == 2) return launch_rows<T, 2>(x, M, K, N, w, out, scratch, s);
-  launch_rows<T, 4>(x, M, K, N, w, out, scratch, s);
+  const int tiles = dense_split(K, N).tiles;
+  if ((out.residual || out.fold_in.ss) && M > kFoldMaxRows)
+    fail("internal: dense_gemv folds a norm for at most {} rows ({} given)", kFoldMaxRows, M);
+  if (out.residual && tiles > kFoldMaxParts) fail("internal: dense_gemv: {} tiles > {} norm partials", tiles, kFoldMaxParts);
+  if (out.fold_in.ss && (out.fold_in.parts < 1 || out.fold_in.parts > kFoldMaxParts))
+    fail("internal: dense_gemv: {} norm partials (1 .. {})", out.fold_in.parts, kFoldMaxParts);
+  if (M == 1) launch_rows<T, 1>(x, M, K, N, w, out, scratch, s);
+  else if (M == 2) launch_rows<T, 2>(x, M, K, N, w, out, scratch, s);
+  else launch_rows<T, 4>(x, M, K, N, w, out, scratch, s);
+  return tiles;
 }
 
-template void dense_gemv<__half>(const __half*, int, int, int, const __half*, const GemvOut<__half>&, float*,
-                                 cudaStream_t);
-template void dense_gemv<__nv_bfloat16>(const __nv_bfloat16*, int, int, int, const __nv_bfloat16*,
-                                        const GemvOut<__nv_bfloat16>&, float*, cudaStream_t);
+template int dense_gemv<__half>(const __half*, int, int, int, const __half*, const GemvOut<__half>&, float*,
+                                cudaStream_t);
+template int dense_gemv<__nv_bfloat16>(const __nv_bfloat16*, int, int, int, const __nv_bfloat16*,
+                                       const GemvOut<__nv_bfloat16>&, float*, cudaStream_t);
 
 }  // namespace tmkit::cuda

@@ -4,7 +4,9 @@
 // the GEMV, 7B-shape int4 517 -> 525 t/s, small-llama 7,300 -> 7,500. Tried and dropped: the
 // residual add into the GEMV's stores (521: a load before each store) and the RMSNorm by the last
 // block to finish (480: a fence, an arrival counter and two passes over the row in one block are
-// a longer tail than a norm kernel that programmatic launch has already put in place).
+// a longer tail than a norm kernel that programmatic launch has already put in place). What
+// paid (H100, 532 -> 555 t/s): the norm split across the boundary (GemvOut::residual / fold_in,
+// kernels.h), the residual's old values fetched while the weights stream.
 #pragma once
 #include "kernels.h"
 

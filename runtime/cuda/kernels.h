@@ -61,11 +61,34 @@ void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStre
 // the gate/up linear, as act[M, N / 2] = silu(gate) * up in T, W's columns being
 // [8 gate | the same 8 up] blocks (then the block that sums a gate column sums its up column too,
 // and the SiLU step needs no kernel of its own).
+//
+// A decode step's RMSNorm can also fold across the boundary between two GEMVs (w4a16_stream and
+// dense_gemv, at most kFoldMaxRows rows; gpu_rank.cc's folds_norm): the GEMV that ends an attention or MLP block
+// (wo, w2; `residual` set) adds its sums (+ bias) into the fp32 residual stream, writes
+// xw = T(x * norm_w) and, per block b, the block's share ss[m * kFoldMaxParts + b] of the sum of
+// x's squares of row m; the GEMV that reads xw (qkv, w13; `fold_in` set) multiplies its sums by
+// 1 / rms(x) = rsqrt(sum_b ss / K + eps). No norm kernel runs between them. xw is unnormalized,
+// so it carries x's range: x * norm_w within fp16 (as the residual stream itself must be in any
+// fp16 forward, the references' included).
+constexpr int kFoldMaxRows = 4, kFoldMaxParts = 512;
+struct FoldIn {
+  const float* ss = nullptr;  // the producer's partials
+  int parts = 0;              // how many per row (the producer's launch returns it)
+  float eps = 0.0f;
+};
 template <typename T>
 struct GemvOut {
   GemvOut(float* plain = nullptr) : y(plain) {}  // NOLINT: a float* is the plain output
   float* y = nullptr;
   T* act = nullptr;
+  // The fold's first half (instead of y and act).
+  float* residual = nullptr;
+  const T* bias = nullptr;    // or none
+  const T* norm_w = nullptr;  // the next RMSNorm's weight [N]
+  T* xw = nullptr;            // [M, N]
+  float* ss = nullptr;        // [kFoldMaxRows][kFoldMaxParts]
+  // The fold's second half (with y or act).
+  FoldIn fold_in;
 };
 // std::type_identity_t (the CUDA files build as C++17): T comes from the other arguments, and a
 // plain float* converts to a GemvOut.
@@ -99,7 +122,8 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
 // M <= 16, N % 16 == 0: the weights streamed through shared memory by a persistent grid
 // (w4a16_stream.cu), scales and zeros as w4_pack_scale_zero orders them; `variant` 1: the
 // other count of consumer warps, 2: two blocks of 4 stages per SM (bench-kernels' comparisons).
-void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+// Returns the blocks launched (with GemvOut::residual: the ss partials per row it wrote).
+int w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
                   const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's
 // order, x staged (staged_x.cuh: staged_rows(M) * K halves), by w4_stage_x or by the kernel that
@@ -121,9 +145,10 @@ void w4_dequant_packed(const uint32_t* packed, const __half* scales, const __hal
 // once before its first use (it holds counters every call leaves at 0); calls may share it.
 constexpr int kDenseGemvMaxRows = 4;
 size_t dense_gemv_scratch_floats(int M, int K, int N);
+// Returns its column tiles (with GemvOut::residual: the ss partials per row it wrote).
 template <typename T>
-void dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
-                cudaStream_t s);
+int dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvOut<T>>& out, float* scratch,
+               cudaStream_t s);
 
 // nll[t] = logsumexp(logits[t, :V]) - logits[t, targets[t]] for t < rows (logits row stride ld).
 void nll_rows(const float* logits, int ld, int V, const int32_t* targets, int rows, float* nll, cudaStream_t s);

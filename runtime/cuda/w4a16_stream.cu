@@ -29,9 +29,18 @@
 // proxy fence per stage; 0-13% slower), P = 2 at M = 1, split-K over blocks and more mma chains
 // (session 13, docs/performance.md).
 //
+// The RMSNorm fold (GemvOut::residual / fold_in, kernels.h; one row block, one pair a unit, so
+// M <= kFoldMaxRows): what it adds travels by cp.async, not registers (the 16-warp shape has none
+// to spare): a unit's old residual values, norm weights and bias land in shared memory while its
+// chunks stream (double-buffered as the warps' partials are), and a reading GEMV's ss partials
+// while its first unit streams; that unit's outputs wait for its warps to sum them into 1 / rms.
+// A thread's output is the same row in every unit, so its squares add up in a register, and the
+// block's share of each row is summed in a fixed order at the end (the same bits every run).
+//
 // Scale/zero layout (w4_pack_scale_zero): per (pair, group) 8 uint2, entry g = {half2(scale, zero)
 // of column 16p + g, half2(scale, zero) of column 16p + 8 + g}: lane (g, c) reads its two columns'
 // constants in one 8-byte load.
+#include "block_reduce.cuh"
 #include "gemv_out.cuh"
 #include "kernels.h"
 #include "w4a16_common.cuh"
@@ -55,9 +64,18 @@ struct StreamShape {
   static constexpr int kSmem = S * kStageBytes + 2 * S * 8 + kRedFloats * 4;
 };
 
+// The fold's shared memory after the partials' (in floats): 1 / rms [kFoldMaxRows]; per unit
+// parity the old residual values [kFoldMaxRows][16], norm weights and bias [16] (halves); then the
+// reading GEMV's ss partials [M][parts rounded up to 4].
+constexpr int kFoldInv = 0, kFoldX = kFoldMaxRows, kFoldW = kFoldX + 2 * kFoldMaxRows * 16, kFoldBias = kFoldW + 16,
+              kFoldSs = kFoldBias + 16, kFoldBytes = (kFoldSs + kFoldMaxRows * kFoldMaxParts) * 4;
+__device__ __forceinline__ int fold_row(int idx) { return 2 * (idx % 4) + ((idx / 32) & 1); }  // MB = 1, P = 1
+
+enum Fold { kNoFold, kFoldIn, kFoldOut };  // GemvOut::fold_in, GemvOut::residual
+
 // MB row blocks of 8 (M <= 8: 1, M <= 16: 2), S stages, kBlocksPerSm blocks per SM, P column
-// pairs per unit, C consumer warps.
-template <int MB, int S, int kBlocksPerSm, int P, int C>
+// pairs per unit, C consumer warps, F the fold's half (MB = 1 and P = 1 only).
+template <int MB, int S, int kBlocksPerSm, int P, int C, Fold F>
 __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
     w4a16_stream_kernel(const __half* __restrict__ x, int M, int K, int N, const uint4* __restrict__ packed,
                         const uint2* __restrict__ scale_zero, const GemvOut<__half> out) {
@@ -69,6 +87,7 @@ __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * kStageBytes);
   uint64_t* empty = full + S;
   float* red = reinterpret_cast<float*>(empty + S);
+  float* fold = red + Shape::kRedFloats;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int groups = K / kGroup, chunks = (groups + kChunkGroups - 1) / kChunkGroups, units = N / (16 * P);
 
@@ -107,8 +126,27 @@ __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
   // the weights, so under programmatic launch (cuda_utils.h) the ring fills during that kernel.
   pdl_begin();
   const int g = lane / 4, c = lane % 4;
+  static_assert(F == kNoFold || (MB == 1 && P == 1), "the fold's layout is one row block and one pair a unit");
+  constexpr bool fold_in = F == kFoldIn, fold_out = F == kFoldOut;
+  const int parts4 = (out.fold_in.parts + 3) / 4 * 4;
+  if constexpr (fold_in) {
+    for (int i = threadIdx.x; i < M * parts4 / 4; i += kConsumers * 32)
+      cp_async16(smem_addr(fold + kFoldSs + 4 * i), out.fold_in.ss + size_t(i / (parts4 / 4)) * kFoldMaxParts + 4 * (i % (parts4 / 4)));
+    cp_async_commit();
+  }
+  float squares = 0.0f;  // fold_out: this thread's output's, over the units
   int it = 0, parity = 0;
   for (int u = blockIdx.x; u < units; u += gridDim.x, parity ^= 1) {
+    if constexpr (fold_out) {  // the unit's 16 columns of the residual rows, norm weight and bias
+      const int t = threadIdx.x;
+      float* fx = fold + kFoldX + parity * kFoldMaxRows * 16;
+      __half* fw = reinterpret_cast<__half*>(fold + kFoldW) + parity * 16;
+      __half* fb = reinterpret_cast<__half*>(fold + kFoldBias) + parity * 16;
+      if (t < 4 * M) cp_async16(smem_addr(fx + 4 * t), out.residual + size_t(t / 4) * N + 16 * u + 4 * (t % 4));
+      else if (t < 4 * M + 2) cp_async16(smem_addr(fw + 8 * (t - 4 * M)), out.norm_w + 16 * u + 8 * (t - 4 * M));
+      else if (t < 4 * M + 4 && out.bias) cp_async16(smem_addr(fb + 8 * (t - 4 * M - 2)), out.bias + 16 * u + 8 * (t - 4 * M - 2));
+      cp_async_commit();
+    }
     float acc[MB][P][4] = {};
     for (int ch = 0; ch < chunks; ++ch, ++it) {
       const int s = it % S, grp = ch * kChunkGroups + warp;
@@ -166,7 +204,17 @@ __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
     const float* a = &acc[0][0][0];
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) r[(warp * kRegs + i) * 32 + lane] = a[i];
+    if constexpr (F != kNoFold) cp_async_wait<0>();  // landed before the barrier: every thread sees them after it
     asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
+    if (fold_in && u == blockIdx.x) {  // the first unit: warp m sums row m's partials, in the same order every run
+      if (warp < M) {
+        float sum = 0.0f;
+        for (int p = lane; p < out.fold_in.parts; p += 32) sum += fold[kFoldSs + warp * parts4 + p];
+        sum = warp_sum(sum);
+        if (lane == 0) fold[kFoldInv + warp] = rsqrtf(sum / float(K) + out.fold_in.eps);
+      }
+      asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
+    }
     // Register i of lane l: row 8 mb + 2 (l % 4) + (i & 1); column l / 4 of tile 2 (P u + p) for
     // i % 4 < 2, of the tile after it else (with GemvOut::act: the gate and its up column).
     auto sum_of = [&](int i, int l) {
@@ -179,29 +227,68 @@ __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
       const int i = idx / 32, l = idx % 32, mb = i / (4 * P), p = (i / 4) % P;
       const int row = 8 * mb + 2 * (l % 4) + (i & 1), col = 16 * (P * u + p) + ((i % 4) >= 2 ? 8 : 0) + l / 4;
       if (row >= M) continue;
-      if (!out.act) out.y[size_t(row) * N + col] = sum_of(i, l);
-      else if (i % 4 < 2) store_gated(out, N, row, col, sum_of(i, l), sum_of(i + 2, l));
+      if constexpr (fold_out) {
+        const int c16 = col - 16 * u;
+        const __half b = reinterpret_cast<const __half*>(fold + kFoldBias)[parity * 16 + c16];
+        const float v = fold[kFoldX + (parity * kFoldMaxRows + row) * 16 + c16] + sum_of(i, l) + (out.bias ? __half2float(b) : 0.0f);
+        out.residual[size_t(row) * N + col] = v;
+        out.xw[size_t(row) * N + col] = __float2half(v * __half2float(reinterpret_cast<const __half*>(fold + kFoldW)[parity * 16 + c16]));
+        squares += v * v;
+        continue;
+      }
+      const float scale = fold_in ? fold[kFoldInv + row] : 1.0f;
+      if (!out.act) out.y[size_t(row) * N + col] = scale * sum_of(i, l);
+      else if (i % 4 < 2) store_gated(out, N, row, col, scale * sum_of(i, l), scale * sum_of(i + 2, l));
+    }
+  }
+  if constexpr (fold_out) {  // the block's share of each row's squares; `parity`'s partials buffer is free
+    float* r = red + parity * kConsumers * Shape::kRegs * 32;
+    if (threadIdx.x < 128) r[threadIdx.x] = squares;
+    asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
+    if (threadIdx.x < M) {
+      float sum = 0.0f;
+      for (int idx = 0; idx < 128; ++idx)
+        if (fold_row(idx) == int(threadIdx.x)) sum += r[idx];
+      out.ss[threadIdx.x * kFoldMaxParts + blockIdx.x] = sum;
     }
   }
 }
 
-template <int MB, int S, int kBlocksPerSm, int P, int C = kWarps>
-void launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
-            const GemvOut<__half>& out, cudaStream_t s) {
-  constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P, C>;
-  constexpr int smem = StreamShape<MB, S, P, C>::kSmem;
+template <int MB, int S, int kBlocksPerSm, int P, int C, Fold F>
+int launch_fold(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+                const GemvOut<__half>& out, cudaStream_t s) {
+  constexpr auto kernel = w4a16_stream_kernel<MB, S, kBlocksPerSm, P, C, F>;
+  constexpr int smem = StreamShape<MB, S, P, C>::kSmem + (F == kNoFold ? 0 : kFoldBytes);
   allow_dynamic_smem<kernel>(smem);
   const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
+  if (F == kFoldOut && blocks > kFoldMaxParts) fail("internal: w4a16_stream: {} blocks > {} norm partials", blocks, kFoldMaxParts);
   launch_kernel(kernel, unsigned(blocks), (C + 1) * 32, smem, s, x, M, K, N, reinterpret_cast<const uint4*>(packed),
                 reinterpret_cast<const uint2*>(scale_zero), out);
+  return blocks;
+}
+
+template <int MB, int S, int kBlocksPerSm, int P, int C = kWarps>
+int launch(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+           const GemvOut<__half>& out, cudaStream_t s) {
+  if constexpr (MB == 1 && P == 1) {
+    if (out.residual) return launch_fold<MB, S, kBlocksPerSm, P, C, kFoldOut>(x, M, K, N, packed, scale_zero, out, s);
+    if (out.fold_in.ss) return launch_fold<MB, S, kBlocksPerSm, P, C, kFoldIn>(x, M, K, N, packed, scale_zero, out, s);
+  } else if (out.residual || out.fold_in.ss) {
+    fail("internal: w4a16_stream's {}-row shape cannot fold a norm", M);
+  }
+  return launch_fold<MB, S, kBlocksPerSm, P, C, kNoFold>(x, M, K, N, packed, scale_zero, out, s);
 }
 
 }  // namespace
 
-void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
-                  const GemvOut<__half>& out, cudaStream_t s, int variant) {
+int w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
+                 const GemvOut<__half>& out, cudaStream_t s, int variant) {
   if (M < 1 || M > 16 || K % kGroup || N % 16)
     fail("w4a16_stream: unsupported shape M={} K={} N={} (M <= 16, K % 128, N % 16)", M, K, N);
+  if ((out.residual || out.fold_in.ss) && M > kFoldMaxRows)
+    fail("internal: w4a16_stream folds a norm for at most {} rows ({} given)", kFoldMaxRows, M);
+  if (out.fold_in.ss && (out.fold_in.parts < 1 || out.fold_in.parts > kFoldMaxParts))
+    fail("internal: w4a16_stream: {} norm partials (1 .. {})", out.fold_in.parts, kFoldMaxParts);
   // 16 consumer warps a block where units are few (at most two a SM) and long (K of 64 groups or
   // more: 4+ chunks of 16): more warps then keep more loads in flight per SM. Shorter units are
   // too few chunks for the ring to fill. 11008 x 4096 (H100): M = 1 11.2 -> 10.3 us, M = 16
@@ -226,7 +313,7 @@ void w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, 
   if (pairs > 2 * sms && pairs <= 6 * sms && pairs % 6 == 0) return launch<2, 2, 1, 6>(x, M, K, N, packed, scale_zero, out, s);
   if (pairs >= 4 * sms) return launch<2, 3, 2, 2>(x, M, K, N, packed, scale_zero, out, s);
   if (long_units != (variant == 1)) return launch<2, 3, 1, 2, 16>(x, M, K, N, packed, scale_zero, out, s);
-  launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, out, s);
+  return launch<2, 6, 1, 2>(x, M, K, N, packed, scale_zero, out, s);
 }
 
 }  // namespace tmkit::cuda
