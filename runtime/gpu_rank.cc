@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cuda/kernels.h"
+#include "parallel.h"
 #include "rope.h"
 #include "w4a16_linear.h"
 
@@ -25,12 +26,16 @@ namespace {
 
 using cuda::DeviceBuffer;
 
-// Host fp32 -> device T (the values came from T files, so the conversion is exact).
+// Host fp32 -> device T (the values came from T files, so the conversion is exact). The host-side
+// conversions and copies of a load run on every core (parallel.h): a 7B fp16 model's 6.7e9
+// weights took over 90 s on one (H100 machine, session 18).
 template <typename T>
 DeviceBuffer<T> upload(const float* src, size_t n) {
   std::vector<uint16_t> bits(n);
-  for (size_t i = 0; i < n; ++i)
-    bits[i] = std::is_same_v<T, __half> ? float_to_half(src[i]) : float_to_bf16(src[i]);
+  parallel_chunks(int64_t(n), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      bits[size_t(i)] = std::is_same_v<T, __half> ? float_to_half(src[i]) : float_to_bf16(src[i]);
+  });
   DeviceBuffer<T> d(n);
   TMKIT_CUDA_CHECK(cudaMemcpy(d.get(), bits.data(), n * 2, cudaMemcpyHostToDevice));
   return d;
@@ -46,11 +51,13 @@ Mat hcat(std::initializer_list<const Mat*> parts) {
   Eigen::Index cols = 0;
   for (const Mat* p : parts) cols += p->cols();
   Mat out((*parts.begin())->rows(), cols);
-  Eigen::Index c = 0;
-  for (const Mat* p : parts) {
-    out.middleCols(c, p->cols()) = *p;
-    c += p->cols();
-  }
+  parallel_chunks(out.rows(), [&](int64_t r0, int64_t r1) {
+    Eigen::Index c = 0;
+    for (const Mat* p : parts) {
+      out.block(r0, c, r1 - r0, p->cols()) = p->middleRows(r0, r1 - r0);
+      c += p->cols();
+    }
+  }, 64);
   return out;
 }
 
@@ -60,10 +67,13 @@ Mat hcat(std::initializer_list<const Mat*> parts) {
 Mat interleave_gate_up(const Mat& w13) {
   const Eigen::Index I = w13.cols() / 2;
   Mat out(w13.rows(), w13.cols());
-  for (Eigen::Index b = 0; b < I / 8; ++b) {
-    out.middleCols(16 * b, 8) = w13.middleCols(8 * b, 8);
-    out.middleCols(16 * b + 8, 8) = w13.middleCols(I + 8 * b, 8);
-  }
+  parallel_chunks(w13.rows(), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (Eigen::Index b = 0; b < I / 8; ++b) {
+        out.block(r, 16 * b, 1, 8) = w13.block(r, 8 * b, 1, 8);
+        out.block(r, 16 * b + 8, 1, 8) = w13.block(r, I + 8 * b, 1, 8);
+      }
+  }, 64);
   return out;
 }
 Int4Linear interleave_gate_up(const Int4Linear& w13) {

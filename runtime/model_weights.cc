@@ -4,6 +4,7 @@
 
 #include "error.h"
 #include "int4.h"
+#include "parallel.h"
 
 namespace tmkit {
 
@@ -23,7 +24,9 @@ class WeightReader {
       fail("{}: {} bytes, expected {} ([{}, {}] {})", p.string(), f.size(), expect, rows, cols, dtype_name(type_));
     Mat m(rows, cols);
     float* dst = m.data();
-    for (uint64_t i = 0, n = uint64_t(rows) * uint64_t(cols); i < n; ++i) dst[i] = load_float(f.data(), type_, i);
+    parallel_chunks(rows * cols, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = load_float(f.data(), type_, uint64_t(i));
+    });
     return m;
   }
   Vec read_vec(const std::string& name, int64_t n) const {
