@@ -77,11 +77,9 @@ __global__ void __launch_bounds__(kThreads) dense_gemv_kernel(const T* __restric
     const int m = i / slice_rows, k = k0 + i % slice_rows;
     xs[i] = m < M && k < k1 ? to_float(x[size_t(m) * K + k]) : 0.0f;
   }
-  if (out.fold_in.ss && warp < M) {  // warp m: row m's 1 / rms, its partials added in a fixed order
-    float sum = 0.0f;
-    for (int p = lane; p < out.fold_in.parts; p += 32) sum += out.fold_in.ss[size_t(warp) * kFoldMaxParts + p];
-    sum = warp_sum(sum);
-    if (lane == 0) inv_rms[warp] = rsqrtf(sum / float(K) + out.fold_in.eps);
+  if (out.fold_in.ss && warp < M) {  // warp m: row m's 1 / rms
+    const float inv = fold_inv_rms(out.fold_in.ss + size_t(warp) * kFoldMaxParts, out.fold_in, K);
+    if (lane == 0) inv_rms[warp] = inv;
   }
   __syncthreads();
 
@@ -189,11 +187,7 @@ int dense_gemv(const T* x, int M, int K, int N, const T* w, const NoDeduce<GemvO
     fail("dense_gemv: unsupported shape M={} K={} N={} (M <= {}, N % 8, N <= {}, gated: N % 16)", M, K, N,
          kDenseGemvMaxRows, kMaxTiles * kTileCols);
   const int tiles = dense_split(K, N).tiles;
-  if ((out.residual || out.fold_in.ss) && M > kFoldMaxRows)
-    fail("internal: dense_gemv folds a norm for at most {} rows ({} given)", kFoldMaxRows, M);
-  if (out.residual && tiles > kFoldMaxParts) fail("internal: dense_gemv: {} tiles > {} norm partials", tiles, kFoldMaxParts);
-  if (out.fold_in.ss && (out.fold_in.parts < 1 || out.fold_in.parts > kFoldMaxParts))
-    fail("internal: dense_gemv: {} norm partials (1 .. {})", out.fold_in.parts, kFoldMaxParts);
+  check_fold("dense_gemv", out, M, tiles);
   if (M == 1) launch_rows<T, 1>(x, M, K, N, w, out, scratch, s);
   else if (M == 2) launch_rows<T, 2>(x, M, K, N, w, out, scratch, s);
   else launch_rows<T, 4>(x, M, K, N, w, out, scratch, s);

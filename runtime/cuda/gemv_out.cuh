@@ -8,6 +8,7 @@
 // paid (H100, 532 -> 555 t/s): the norm split across the boundary (GemvOut::residual / fold_in,
 // kernels.h), the residual's old values fetched while the weights stream.
 #pragma once
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace tmkit::cuda {
@@ -19,6 +20,24 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 __host__ __device__ __forceinline__ size_t gate_column(size_t c) { return c / 8 * 16 + c % 8; }
 __device__ __forceinline__ size_t act_column(size_t n) { return n / 16 * 8 + n % 8; }
 __device__ __forceinline__ bool is_gate_column(int n) { return (n / 8) % 2 == 0; }
+
+// The RMSNorm fold (kernels.h): 1 / rms of a row from its `parts` partial sums of squares at
+// `row_ss` (global or shared memory), summed by one warp in the same order every run.
+__device__ __forceinline__ float fold_inv_rms(const float* row_ss, const FoldIn& f, int K) {
+  float sum = 0.0f;
+  for (int p = threadIdx.x % 32; p < f.parts; p += 32) sum += row_ss[p];
+  return rsqrtf(warp_sum(sum) / float(K) + f.eps);
+}
+
+// A GEMV's host-side check of a fold request: M rows, `parts` the partials it would write.
+template <typename T>
+void check_fold(const char* kernel, const GemvOut<T>& out, int M, int parts) {
+  if (!out.residual && !out.fold_in.ss) return;
+  if (M > kFoldMaxRows) fail("internal: {} folds a norm for at most {} rows ({} given)", kernel, kFoldMaxRows, M);
+  if (out.residual && parts > kFoldMaxParts) fail("internal: {}: {} norm partials > {}", kernel, parts, kFoldMaxParts);
+  if (out.fold_in.ss && (out.fold_in.parts < 1 || out.fold_in.parts > kFoldMaxParts))
+    fail("internal: {}: reads {} norm partials (1 .. {})", kernel, out.fold_in.parts, kFoldMaxParts);
+}
 
 template <typename T>
 __device__ __forceinline__ void store_gated(const GemvOut<T>& o, int N, int m, int gate_n, float gate, float up) {

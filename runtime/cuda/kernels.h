@@ -63,8 +63,8 @@ void silu_mul(const float* gu, int T_, int I, bool interleaved, T* out, cudaStre
 // and the SiLU step needs no kernel of its own).
 //
 // A decode step's RMSNorm can also fold across the boundary between two GEMVs (w4a16_stream and
-// dense_gemv, at most kFoldMaxRows rows; gpu_rank.cc's folds_norm): the GEMV that ends an attention or MLP block
-// (wo, w2; `residual` set) adds its sums (+ bias) into the fp32 residual stream, writes
+// dense_gemv, at most kFoldMaxRows rows; gpu_rank.cc's folds_norm): the GEMV that ends an
+// attention or MLP block (wo, w2; `residual` set) adds its sums (+ bias) into the fp32 residual stream, writes
 // xw = T(x * norm_w) and, per block b, the block's share ss[m * kFoldMaxParts + b] of the sum of
 // x's squares of row m; the GEMV that reads xw (qkv, w13; `fold_in` set) multiplies its sums by
 // 1 / rms(x) = rsqrt(sum_b ss / K + eps). No norm kernel runs between them. xw is unnormalized,
@@ -124,7 +124,7 @@ void w4a16_gemm(const __half* x, int M, int K, int N, const uint32_t* packed, co
 // other count of consumer warps, 2: two blocks of 4 stages per SM (bench-kernels' comparisons).
 // Returns the blocks launched (with GemvOut::residual: the ss partials per row it wrote).
 int w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, const uint32_t* scale_zero,
-                  const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
+                 const GemvOut<__half>& out, cudaStream_t s, int variant = 0);
 // Many rows on Hopper's wgmma (w4a16_wgmma.cu): N % 128 == 0, scales and zeros in w4a16_stream's
 // order, x staged (staged_x.cuh: staged_rows(M) * K halves), by w4_stage_x or by the kernel that
 // computed it.

@@ -40,7 +40,6 @@
 // Scale/zero layout (w4_pack_scale_zero): per (pair, group) 8 uint2, entry g = {half2(scale, zero)
 // of column 16p + g, half2(scale, zero) of column 16p + 8 + g}: lane (g, c) reads its two columns'
 // constants in one 8-byte load.
-#include "block_reduce.cuh"
 #include "gemv_out.cuh"
 #include "kernels.h"
 #include "w4a16_common.cuh"
@@ -208,10 +207,8 @@ __global__ void __launch_bounds__((C + 1) * 32, kBlocksPerSm)
     asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
     if (fold_in && u == blockIdx.x) {  // the first unit: warp m sums row m's partials, in the same order every run
       if (warp < M) {
-        float sum = 0.0f;
-        for (int p = lane; p < out.fold_in.parts; p += 32) sum += fold[kFoldSs + warp * parts4 + p];
-        sum = warp_sum(sum);
-        if (lane == 0) fold[kFoldInv + warp] = rsqrtf(sum / float(K) + out.fold_in.eps);
+        const float inv = fold_inv_rms(fold + kFoldSs + warp * parts4, out.fold_in, K);
+        if (lane == 0) fold[kFoldInv + warp] = inv;
       }
       asm volatile("bar.sync 1, %0;" ::"n"(C * 32) : "memory");
     }
@@ -261,7 +258,7 @@ int launch_fold(const __half* x, int M, int K, int N, const uint32_t* packed, co
   constexpr int smem = StreamShape<MB, S, P, C>::kSmem + (F == kNoFold ? 0 : kFoldBytes);
   allow_dynamic_smem<kernel>(smem);
   const int blocks = std::min(N / (16 * P), kBlocksPerSm * sm_count());
-  if (F == kFoldOut && blocks > kFoldMaxParts) fail("internal: w4a16_stream: {} blocks > {} norm partials", blocks, kFoldMaxParts);
+  check_fold("w4a16_stream", out, M, blocks);
   launch_kernel(kernel, unsigned(blocks), (C + 1) * 32, smem, s, x, M, K, N, reinterpret_cast<const uint4*>(packed),
                 reinterpret_cast<const uint2*>(scale_zero), out);
   return blocks;
@@ -285,10 +282,8 @@ int w4a16_stream(const __half* x, int M, int K, int N, const uint32_t* packed, c
                  const GemvOut<__half>& out, cudaStream_t s, int variant) {
   if (M < 1 || M > 16 || K % kGroup || N % 16)
     fail("w4a16_stream: unsupported shape M={} K={} N={} (M <= 16, K % 128, N % 16)", M, K, N);
-  if ((out.residual || out.fold_in.ss) && M > kFoldMaxRows)
+  if ((out.residual || out.fold_in.ss) && M > kFoldMaxRows)  // before a row count picks a shape that cannot fold
     fail("internal: w4a16_stream folds a norm for at most {} rows ({} given)", kFoldMaxRows, M);
-  if (out.fold_in.ss && (out.fold_in.parts < 1 || out.fold_in.parts > kFoldMaxParts))
-    fail("internal: w4a16_stream: {} norm partials (1 .. {})", out.fold_in.parts, kFoldMaxParts);
   // 16 consumer warps a block where units are few (at most two a SM) and long (K of 64 groups or
   // more: 4+ chunks of 16): more warps then keep more loads in flight per SM. Shorter units are
   // too few chunks for the ring to fill. 11008 x 4096 (H100): M = 1 11.2 -> 10.3 us, M = 16
