@@ -159,10 +159,13 @@ int run_ppl(const Options& o, tmkit::Progress& progress) {
 // say the batch ("pp512 @ b8", as llama-bench's "@ d" for depth).
 int run_bench(const Options& o) {
   if (o.device == "cpu") tmkit::fail("tm-eval bench: runs on --device cuda (the CPU oracle has no KV cache)");
+  const auto load_start = std::chrono::steady_clock::now();
   const tmkit::ModelWeights w = tmkit::load_workspace(o.model, tmkit::LoadFor::kGpu);
   tmkit::KvMode kv = tmkit::KvMode::kFp16;
   tmkit::parse_kv_mode(o.kv, &kv);
   tmkit::GpuModel gpu(w, kv, gpu_tp(o, w.cfg));
+  gpu.synchronize();
+  const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
   const tmkit::TmConfig& c = w.cfg;
   const int64_t B = o.batch;
   std::vector<int32_t> ids(size_t(std::max(o.prompt, o.gen) * B));
@@ -209,7 +212,8 @@ int run_bench(const Options& o) {
     nlohmann::json j = nlohmann::json::array();
     for (const Row& r : rows)
       j.push_back({{"model", model}, {"weight_bytes", weight_bytes}, {"params", params}, {"backend", backend},
-                   {"tp", gpu.tp()}, {"kv", o.kv}, {"test", r.test}, {"tokens_per_second", r.mean}, {"stddev", r.sd}, {"repetitions", o.reps}});
+                   {"tp", gpu.tp()}, {"kv", o.kv}, {"test", r.test}, {"tokens_per_second", r.mean}, {"stddev", r.sd}, {"repetitions", o.reps},
+                   {"load_seconds", load_seconds}});
     fmt::print("{}\n", j.dump(2));
   } else if (o.format == "csv") {
     fmt::print("model,size_gib,params_b,backend,kv,test,t_per_s,stddev\n");
