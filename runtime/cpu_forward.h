@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "kv_quant.h"
 #include "model_weights.h"
@@ -25,10 +26,18 @@ class CpuModel {
   // Logits [T, vocab_size] (padding rows of the LM head dropped). Thread-safe.
   Mat forward(const int32_t* tokens, int64_t T) const { return forward(tokens, T, nullptr); }
   Mat forward(const int32_t* tokens, int64_t T, const KvObserver* observe) const;
+  // About the most memory one forward of T tokens holds at once besides the weights (fp32
+  // activations, a head's [T, T] attention scores, the [T, vocab] logits): for refusing a -c the
+  // host cannot hold before starting.
+  uint64_t forward_bytes(int64_t T) const;
 
  private:
   ModelWeights w_;
   KvQuant kv_;
 };
+
+// Refuses (an Error naming `flag`, e.g. "-c") `concurrent` forwards of T tokens at once that the
+// host's available memory cannot hold, before any work rather than in an allocation halfway.
+void check_host_memory(const CpuModel& model, int64_t T, int64_t concurrent, const std::string& flag);
 
 }  // namespace tmkit

@@ -266,6 +266,19 @@ TEST(TmEvalBad, WorkspaceAndTokens) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("fewer than one chunk"), std::string::npos) << r.err;
 
+  // One chunk of 340000 tokens would hold [T, T] attention scores (~430 GiB) on the CPU: refused
+  // before any work, naming -c, with a warning that it is past the trained context (1024).
+  r = test::run(test::tool("tm-eval") + " ppl -q --device cpu -c 340000 -m " + q(tmp / "ws") + " --tokens " +
+                q(test::reference_dir("tiny-llama") / "eval.tokens.i32"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("-c 340000: the CPU oracle needs about"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("GiB of host memory is available; lower -c"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("bad_alloc"), std::string::npos) << r.err;
+  r = test::run(test::tool("tm-eval") + " ppl -q --device cpu -c 2048 --chunks 1 -m " + q(tmp / "ws") + " --tokens " +
+                q(test::reference_dir("tiny-llama") / "eval.tokens.i32"));
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("-c 2048 is longer than the model's trained context (1024 positions"), std::string::npos) << r.err;
+
   // A damaged weight file is named, not silently used.
   fs::resize_file(tmp / "ws" / "triton_models" / "weights" / "layers.2.attention.wo.0.weight", 100);
   r = test::run(ppl + q(tmp / "ws") + " --tokens " + q(test::reference_dir("tiny-llama") / "eval.tokens.i32"));

@@ -202,6 +202,14 @@ TEST(KvCalibrate, BadInputsFailNamingTheProblem) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("config.json"), std::string::npos) << r.err;
 
+  // One block of 380000 tokens would hold [T, T] attention scores (~540 GiB) in the CPU oracle:
+  // refused before any work, naming the flag.
+  r = test::run(test::tool("kv-calibrate") + " " + test::q(test::model_dir("tiny-qwen2")) + " --dst-path " +
+                test::q(tmp / "long") + " --calib-dataset " + calib_ids() + " --calib-samples 1 --calib-seqlen 380000 --device cpu -q");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("--calib-seqlen 380000: the CPU oracle needs about"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(tmp / "long"));
+
   const fs::path ws = calibrated(tmp / "ws");
   const TmConfig cfg = load_tm_config(ws);
   EXPECT_NE(test::error_of([&] { load_kv_quant(ws, cfg, KvMode::kFp16, true); }).find("int8 or int4"), std::string::npos);

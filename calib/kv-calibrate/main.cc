@@ -130,9 +130,12 @@ int main(int argc, char** argv) {
       progress.update(done, total, double(done), double(total), fmt::format("block {}", done));
     };
     tmkit::ModelWeights w = tmkit::load_workspace(run_ws);
-    const tmkit::KvStats stats = cuda ? tmkit::kv_stats_gpu(w, blocks, o.samples, o.seqlen, o.batch, on_block)
-                                      : tmkit::kv_stats_cpu(tmkit::CpuModel(std::move(w)), blocks, o.samples, o.seqlen,
-                                                            o.threads, on_block);
+    const auto on_cpu = [&] {
+      const tmkit::CpuModel model(std::move(w));
+      tmkit::check_host_memory(model, o.seqlen, std::min<int64_t>(o.threads, o.samples), "--calib-seqlen");
+      return tmkit::kv_stats_cpu(model, blocks, o.samples, o.seqlen, o.threads, on_block);
+    };
+    const tmkit::KvStats stats = cuda ? tmkit::kv_stats_gpu(w, blocks, o.samples, o.seqlen, o.batch, on_block) : on_cpu();
     progress.finish();
 
     tmkit::AtomicOutputDir out(o.dst, true);
@@ -177,7 +180,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     progress.finish();
-    fmt::print(stderr, "kv-calibrate: error: {}\n", e.what());
+    fmt::print(stderr, "kv-calibrate: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }

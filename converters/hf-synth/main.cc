@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     dir.commit();
     return 0;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "hf-synth: error: {}\n", e.what());
+    fmt::print(stderr, "hf-synth: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }

@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     progress.finish();
-    fmt::print(stderr, "hf2tm: error: {}\n", e.what());
+    fmt::print(stderr, "hf2tm: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }

@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     progress.finish();
-    fmt::print(stderr, "tm-shard: error: {}\n", e.what());
+    fmt::print(stderr, "tm-shard: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }

@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     progress.finish();
-    fmt::print(stderr, "awq-quantize: error: {}\n", e.what());
+    fmt::print(stderr, "awq-quantize: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }

@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
     if (!bin_dir.empty()) o.bin_dir = tmkit::fs::absolute(bin_dir);
     tmkit::run_release(o);
   } catch (const std::exception& e) {
-    fmt::print(stderr, "release-model: error: {}\n", e.what());
+    fmt::print(stderr, "release-model: error: {}\n", tmkit::error_message(e));
     return 1;
   }
   return 0;

@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
       files = m["files"].size();
     }
   } catch (const std::exception& e) {
-    problems.push_back(e.what());
+    problems.push_back(tmkit::error_message(e));
   }
   if (json) {
     fmt::print("{}\n", nlohmann::json{{"repo", repo}, {"ok", problems.empty()}, {"files", files}, {"problems", problems}}.dump(2));

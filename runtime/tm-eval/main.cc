@@ -100,9 +100,22 @@ struct Runtime {
       for (int64_t i = 0; i < count; ++i) one(t + i * T, T, s + i, s2 + i);
     };
   }
+  // A CPU run of `concurrent` forwards of T tokens at once (`flag` sized them) is refused up front
+  // when the host cannot hold it.
+  void check_host_memory(int64_t T, int64_t concurrent, const std::string& flag) const {
+    if (cpu) tmkit::check_host_memory(*cpu, T, concurrent, flag);
+  }
   std::string name() const { return gpu ? "cuda (" + gpu->device_name() + ")" : "cpu"; }
   int tp() const { return gpu ? gpu->tp() : 1; }  // the oracle runs the merged weights
 };
+
+// llama.cpp warns too: positions past the trained context are extrapolation, and the ppl says
+// little about the model within it (dynamic NTK scaling is made for them).
+void warn_past_trained_context(const tmkit::TmConfig& c, int64_t T, const char* flag) {
+  if (c.max_position_embeddings > 0 && T > c.max_position_embeddings && !c.use_dynamic_ntk)
+    fmt::print(stderr, "tm-eval: warning: {} {} is longer than the model's trained context ({} positions, max_position_embeddings)\n",
+               flag, T, c.max_position_embeddings);
+}
 
 std::vector<int32_t> input_tokens(const Options& o, int64_t vocab) {
   if (!o.tokens.empty()) return tmkit::read_tokens(o.tokens, vocab);
@@ -124,6 +137,8 @@ int run_logits(const Options& o) {
   const Runtime model(o);
   const auto ids = input_tokens(o, model.config().vocab_size);
   if (int64_t(ids.size()) < o.n) tmkit::fail("{} tokens, fewer than -n {}", ids.size(), o.n);
+  warn_past_trained_context(model.config(), o.n, "-n");
+  model.check_host_memory(o.n, 1, "-n");
   const tmkit::Mat l = model.forward(ids.data(), o.n);
   write_output(o.output, o.force, l.data(), size_t(l.size()) * sizeof(float));
   fmt::print(stderr, "tm-eval: wrote logits [{}, {}] to {}\n", l.rows(), l.cols(), o.output);
@@ -133,6 +148,10 @@ int run_logits(const Options& o) {
 int run_ppl(const Options& o, tmkit::Progress& progress) {
   const Runtime model(o);
   const auto ids = input_tokens(o, model.config().vocab_size);
+  warn_past_trained_context(model.config(), o.ctx, "-c");
+  int64_t chunks = int64_t(ids.size()) / o.ctx;
+  if (o.chunks > 0) chunks = std::min(chunks, o.chunks);
+  if (chunks > 0) model.check_host_memory(o.ctx, std::min<int64_t>(std::max(model.threads, 1), chunks), "-c");  // none: said below
   const auto r = tmkit::perplexity_batched(model.scorer(), o.batch, ids, o.ctx, o.chunks, model.threads,
                                            [&](int64_t d, int64_t n, double p) {
                                              progress.update(d, n, double(d), double(n), fmt::format("ppl {:.4f}", p));
@@ -305,7 +324,7 @@ int main(int argc, char** argv) {
     return run_detokenize(o);
   } catch (const std::exception& e) {
     progress.finish();
-    fmt::print(stderr, "tm-eval: error: {}\n", e.what());
+    fmt::print(stderr, "tm-eval: error: {}\n", tmkit::error_message(e));
     return 1;
   }
 }
