@@ -22,11 +22,8 @@ inline uint64_t host_available_bytes() {
     }
     meminfo.ignore(256, '\n');
   }
-  uint64_t limit = 0, used = 0;
-  std::string max;
-  if ((std::ifstream("/sys/fs/cgroup/memory.max") >> max) && max != "max" &&
-      (std::ifstream("/sys/fs/cgroup/memory.current") >> used)) {
-    limit = std::stoull(max);
+  uint64_t limit = 0, used = 0;  // memory.max reads "max" where no limit applies: no number
+  if ((std::ifstream("/sys/fs/cgroup/memory.max") >> limit) && (std::ifstream("/sys/fs/cgroup/memory.current") >> used)) {
     const uint64_t headroom = limit > used ? limit - used : 0;
     if (avail == 0 || headroom < avail) avail = headroom;
   }

@@ -109,8 +109,8 @@ struct Runtime {
   int tp() const { return gpu ? gpu->tp() : 1; }  // the oracle runs the merged weights
 };
 
-// llama.cpp warns too: positions past the trained context are extrapolation, and the ppl says
-// little about the model within it (dynamic NTK scaling is made for them).
+// As llama.cpp does: positions past the trained context are extrapolation (unless dynamic NTK
+// scaling stretches RoPE for them), so such a ppl says little about the model.
 void warn_past_trained_context(const tmkit::TmConfig& c, int64_t T, const char* flag) {
   if (c.max_position_embeddings > 0 && T > c.max_position_embeddings && !c.use_dynamic_ntk)
     fmt::print(stderr, "tm-eval: warning: {} {} is longer than the model's trained context ({} positions, max_position_embeddings)\n",
